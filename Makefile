@@ -1,0 +1,43 @@
+# sft-job: `make help` lists the targets. Anything set with ?= can be overridden: make smoke PY=python3.11
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 (CPU build) comes from this pin; an unpinned torch would pull CUDA wheels.
+PIP_INSTALL := $(BIN)/pip install -q -c constraints/cpu.txt
+EXTRAS ?= cpu,dev,deepspeed,qlora
+PYTEST_ARGS ?=
+
+help: ## Show targets
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "%-18s %s\n", $$1, $$2}'
+
+$(BIN)/sft-job: pyproject.toml constraints/cpu.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(PIP_INSTALL) -e '.[$(EXTRAS)]'
+	@touch $@
+
+venv: $(BIN)/sft-job ## Create .venv with the CPU stack (torch 2.13.0 CPU build)
+
+smoke: venv ## Train the builtin tiny model on bundled data into ./out/smoke
+	$(BIN)/sft-job run jobs/smoke-cpu.yaml
+
+test: venv ## Run the whole test suite (what CI runs)
+	$(BIN)/ruff check sft_job tests bench
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv ## Lint code, Dockerfiles, manifests and Terraform
+	$(BIN)/ruff check sft_job tests bench
+
+schema: venv ## Print the JSON schema of a job spec
+	$(BIN)/sft-job schema
+
+clean: ## Remove outputs (not the venv)
+	rm -rf out .pytest_cache
+
+.PHONY: help venv smoke test lint schema clean
+
+-include mk/*.mk

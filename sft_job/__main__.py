@@ -1,0 +1,5 @@
+"""`python -m sft_job` runs the CLI."""
+
+from sft_job.cli import main
+
+main()

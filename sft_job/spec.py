@@ -1,0 +1,323 @@
+"""The job spec: a pydantic model of one fine-tuning job, the only place defaults live.
+
+Load with `load_spec(path_or_uri, overrides)`: YAML -> `${ENV}` interpolation -> `--set a.b=v`
+overrides -> validation. Every problem is reported at once, each with its dotted field path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sft_job.errors import SpecError
+
+DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3-offload")
+BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-gpt2")
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, values are immutable after load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    base: str = Field(
+        description="Base model: a Hub id (org/name or hf://org/name), a local directory, an "
+        "s3:// or gs:// prefix holding a saved model, or builtin:tiny-llama / builtin:tiny-gpt2."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer: str | None = Field(None, description="Tokenizer location if not the base's.")
+    chat_template: str | None = Field(
+        None,
+        description="Override the tokenizer's chat template: 'chatml' or a Jinja template. "
+        "Tokenizers without one get ChatML for chat data.",
+    )
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto picks per backend and model."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the Hub.")
+
+
+class DataSpec(Strict):
+    train: str = Field(
+        description="Training data: a file (.jsonl, .json, .csv, .parquet), a datasets "
+        "save_to_disk directory, or a bucket prefix of shards; hf://datasets/org/name too."
+    )
+    eval: str | None = Field(None, description="Separate eval data (same kinds as train).")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=0.5, description="Fraction of train held out for eval when no eval file."
+    )
+    format: Literal["auto", "alpaca", "chat", "prompt-response", "text"] = Field(
+        "auto", description="Record format; auto detects it from the fields of the first rows."
+    )
+    alpaca_template: Literal["seed", "stanford"] = Field(
+        "seed",
+        description="seed: 'Instruction: ...\\nInput: ...\\nOutput:'; stanford: the Stanford "
+        "Alpaca '### Instruction:' preamble template.",
+    )
+    prompt_field: str = Field("prompt", description="prompt-response: the prompt field name.")
+    response_field: str = Field("response", description="prompt-response: the response field.")
+    user_token: str = Field("<|user|>", description="prompt-response: role token before prompt.")
+    assistant_token: str = Field(
+        "<|assistant|>", description="prompt-response: role token before the response."
+    )
+    text_field: str = Field("text", description="text format: the field holding the text.")
+    messages_field: str = Field("messages", description="chat format: the messages field.")
+    max_length: int = Field(512, gt=0, description="Tokens per sample (and per packed row).")
+    packing: bool = Field(
+        True, description="Pack samples into rows; samples never attend to each other."
+    )
+    train_on_prompt: bool = Field(
+        False, description="Also train on prompt tokens (default: loss on responses only)."
+    )
+    on_malformed: Literal["fail", "skip"] = Field(
+        "fail", description="Malformed rows fail the job (default) or are skipped and counted."
+    )
+    max_samples: int | None = Field(None, gt=0, description="Use at most this many rows.")
+    seed: int = Field(42, description="Seed of the train/eval split and of shuffling.")
+
+
+class MethodSpec(Strict):
+    kind: Literal["full", "lora", "qlora"] = Field("lora", description="Fine-tuning method.")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="Modules to adapt: 'all-linear' or a list of module names."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+
+
+class TrainSpec(Strict):
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many steps.")
+    learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(8, gt=0, description="Rows per device per forward pass.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Warmup share of the steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (off: end).")
+    seed: int = Field(42, description="Seed of model init, dropout and data order.")
+
+
+class EvalSpec(Strict):
+    prompts: list[str] | None = Field(
+        None,
+        description="Fixed prompts generated before and after training into samples.md "
+        "(default: the first rows of the eval data, else of train).",
+    )
+    num_samples: int = Field(3, ge=0, description="Prompts taken from data when none given.")
+    max_new_tokens: int = Field(48, gt=0, description="Tokens generated per sample.")
+
+
+class OutputSpec(Strict):
+    uri: str = Field(description="Where every artifact goes: a path, file://, s3:// or gs://.")
+    merge: bool = Field(True, description="Merge LoRA/QLoRA adapters into the base model.")
+    push_to_hub: str | None = Field(
+        None, description="Hub repo (org/name) to push to; token from HF_TOKEN."
+    )
+    hub_private: bool = Field(True, description="Create the Hub repo private.")
+    hub_push: Literal["merged", "adapter"] = Field(
+        "merged", description="What goes to the Hub: the merged model or the adapter."
+    )
+    save_every_steps: int | None = Field(
+        None, gt=0, description="Commit a checkpoint to output.uri every N steps."
+    )
+    save_every_minutes: float | None = Field(
+        None, gt=0, description="Commit a checkpoint at least this often (wall clock)."
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="Committed checkpoints kept in the bucket.")
+    stop_budget_seconds: int = Field(
+        25,
+        gt=0,
+        description="Seconds allowed from SIGTERM to a committed checkpoint; keep it under "
+        "the pod's terminationGracePeriodSeconds.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="Custom S3 endpoint (S3-compatible stores); else AWS_ENDPOINT_URL_S3."
+    )
+
+
+class JobSpec(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", description="Job name (DNS-ish).")
+    model: ModelSpec
+    data: DataSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    backend: Literal["auto", "cuda", "tpu", "cpu"] = Field(
+        "auto", description="Hardware: auto picks cuda, then tpu, then cpu."
+    )
+    deepspeed: Annotated[str, Field(min_length=1)] = Field(
+        "none",
+        description="DeepSpeed ZeRO: none | zero2 | zero3 | zero3-offload | path to a JSON config.",
+    )
+    output: OutputSpec
+    trainer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passthrough of extra trl.SFTConfig fields, checked against SFTConfig.",
+    )
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> JobSpec:
+        problems = combination_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def run_hash(self) -> str:
+        """Hash of the fields that change the trained model (not where outputs go)."""
+        d = self.model_dump(mode="json")
+        d["output"] = {k: d["output"][k] for k in ("merge",)}
+        d.pop("eval", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def combination_problems(spec: JobSpec) -> list[str]:
+    """Combinations that cannot run, each naming its field and the fix."""
+    out: list[str] = []
+    ds = spec.deepspeed
+    if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
+        out.append(f"deepspeed: '{ds}' is not one of {', '.join(DEEPSPEED_PRESETS)} or a .json path")
+    if spec.method.kind == "qlora" and spec.backend == "tpu":
+        out.append("method.kind: qlora needs bitsandbytes on a CUDA GPU or CPU, not backend: tpu; "
+                   "use lora")
+    if ds != "none" and spec.backend == "tpu":
+        out.append("deepspeed: DeepSpeed does not run on TPU; set deepspeed: none (TPU uses FSDPv2)")
+    if ds != "none" and spec.backend == "cpu":
+        out.append("deepspeed: DeepSpeed is for GPUs; set deepspeed: none with backend: cpu "
+                   "(multi-process CPU runs use DDP over gloo)")
+    if spec.method.kind == "qlora" and ds.startswith("zero3"):
+        out.append("deepspeed: ZeRO-3 cannot shard pre-quantized 4-bit weights; use zero2 or none "
+                   "with method.kind: qlora")
+    if spec.output.push_to_hub and spec.output.hub_push == "merged" and not spec.output.merge \
+            and spec.method.kind != "full":
+        out.append("output.hub_push: 'merged' needs output.merge: true (or hub_push: adapter)")
+    if spec.data.eval and spec.data.eval_fraction:
+        out.append("data.eval_fraction: give either data.eval or data.eval_fraction, not both")
+    if spec.output.push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec.output.push_to_hub):
+        out.append(f"output.push_to_hub: '{spec.output.push_to_hub}' is not 'org/name'")
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate_env(text: str, source: str) -> str:
+    """Replace `${VAR}` and `${VAR:-default}`; an unset variable without default is an error."""
+    missing: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        val = os.environ.get(m.group(1))
+        if val is None:
+            if m.group(2) is not None:
+                return m.group(2)
+            missing.append(m.group(1))
+            return ""
+        return val
+
+    out = _ENV_RE.sub(sub, text)
+    if missing:
+        raise SpecError(f"{source}: environment variable(s) {', '.join(sorted(set(missing)))} "
+                        "not set (use ${VAR:-default} for optional ones)")
+    return out
+
+
+def apply_override(doc: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (so 1, true, [a] work)."""
+    if "=" not in assignment:
+        raise SpecError(f"--set {assignment!r}: expected key.path=value")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise SpecError(f"--set {assignment!r}: empty key in '{path}'")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    node = doc
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise SpecError(f"--set {assignment!r}: '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_spec(text: str, source: str, overrides: list[str] | None = None) -> JobSpec:
+    """Parse YAML text into a validated JobSpec, or raise SpecError listing every problem."""
+    text = interpolate_env(text, source)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{where}: invalid YAML: {problem}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise SpecError(f"{source}: a job spec is a YAML mapping, got {type(doc).__name__}")
+    for o in overrides or []:
+        apply_override(doc, o)
+    try:
+        return JobSpec.model_validate(doc)
+    except ValidationError as e:
+        raise SpecError(f"{source}: " + format_validation_error(e)) from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """One line per problem joined by '; ', each 'field.path: message'."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `sft-job schema` lists the fields)"
+        elif err["type"] == "missing":
+            msg = "required field missing"
+        msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def load_spec(source: str, overrides: list[str] | None = None) -> JobSpec:
+    """Load a spec from a local path or a storage URI (s3://, gs://, file://)."""
+    if "://" in source and not source.startswith("file://"):
+        from sft_job import storage
+
+        text = storage.read_text(source)
+    else:
+        path = Path(source.removeprefix("file://"))
+        if not path.is_file():
+            raise SpecError(f"{source}: spec file not found")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{source}: not UTF-8 text (byte {e.start})") from None
+    return parse_spec(text, source, overrides)
+
+
+def dump_spec(spec: JobSpec) -> str:
+    """The resolved spec as YAML (what lands in output.uri/job.yaml)."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of a job spec (`sft-job schema`)."""
+    return JobSpec.model_json_schema()

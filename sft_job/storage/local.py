@@ -1,0 +1,89 @@
+"""Local filesystem backend: plain paths and file:// URIs (keys are absolute paths)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from sft_job.errors import AccessError
+from sft_job.storage.base import COMMIT_MARKER
+
+
+class LocalStore:
+    """Keys are absolute paths. Writes go to a temp name then rename, so readers never
+    see a half-written file."""
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        src = Path(key)
+        if not src.is_file():
+            raise AccessError(f"{key}: no such file")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.resolve() != dest.resolve():
+            shutil.copyfile(src, dest)
+        return dest
+
+    def get_prefix(self, prefix: str, dest: Path) -> Path:
+        src = Path(prefix)
+        if not src.is_dir():
+            raise AccessError(f"{prefix}: no such directory")
+        if src.resolve() != dest.resolve():
+            shutil.copytree(src, dest, dirs_exist_ok=True)
+        return dest
+
+    def put_file(self, src: Path, key: str) -> None:
+        dest = Path(key)
+        if dest.is_dir():
+            raise AccessError(f"{key}: is a directory, cannot write a file there")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+
+    def put_dir(self, src: Path, prefix: str, commit: bool = True) -> None:
+        root = Path(prefix)
+        if root.exists() and not root.is_dir():
+            raise AccessError(f"{prefix}: exists and is a file, not a directory")
+        if src.resolve() == root.resolve():
+            if commit:
+                self.write_bytes(str(root / COMMIT_MARKER), b"")
+            return
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            rel = f.relative_to(src).as_posix()
+            if rel == COMMIT_MARKER:
+                continue
+            self.put_file(f, str(root / rel))
+        if commit:
+            self.write_bytes(str(root / COMMIT_MARKER), b"")
+
+    def list(self, prefix: str) -> list[str]:
+        root = Path(prefix)
+        if not root.is_dir():
+            return []
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+    def exists(self, key: str) -> bool:
+        return Path(key).is_file()
+
+    def delete_prefix(self, prefix: str) -> None:
+        root = Path(prefix)
+        if root.is_file():
+            root.unlink()
+            return
+        (root / COMMIT_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    def read_bytes(self, key: str) -> bytes:
+        p = Path(key)
+        if not p.is_file():
+            raise AccessError(f"{key}: no such file")
+        return p.read_bytes()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        dest = Path(key)
+        if dest.is_dir():
+            raise AccessError(f"{key}: is a directory, cannot write a file there")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
