@@ -8,6 +8,7 @@ peft) are imported inside the functions that use them so `--help` and `validate`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -124,10 +125,8 @@ def _add_data_commands() -> None:
     app.add_typer(data_app, name="data", help="Make and convert training data.")
 
 
-try:
+with contextlib.suppress(ImportError):  # the synth package is optional while it is being built
     _add_data_commands()
-except ImportError:  # the synth package is optional while it is being built
-    pass
 
 
 def main() -> None:

@@ -1,0 +1,164 @@
+"""Builtin tiny models (`builtin:tiny-llama`, `builtin:tiny-gpt2`): built locally, no download.
+
+A byte-level BPE tokenizer is trained with `tokenizers` on the bundled sample data, and a
+randomly initialised model is made from a small config. Both are deterministic and cached under
+`$SFT_JOB_CACHE/builtin/<name>-v<VERSION>/`, written to a temp folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from sft_job.errors import SpecError
+
+VERSION = 1
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+# ChatML with {% generation %} markers so TRL's assistant_only_loss works with it too.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Widths are multiples of 32 (bitsandbytes 4-bit kernels on CPU need that).
+_CONFIGS = {
+    "tiny-llama": {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+    "tiny-gpt2": {
+        "model_type": "gpt2",
+        "n_embd": 64,
+        "n_layer": 2,
+        "n_head": 4,
+        "n_positions": 1024,
+        "n_inner": 128,
+    },
+}
+VOCAB_SIZE = 1024
+
+
+def cache_root() -> Path:
+    """Where builtin models and downloaded models are cached (`SFT_JOB_CACHE`)."""
+    return Path(os.environ.get("SFT_JOB_CACHE", Path.home() / ".cache" / "sft-job"))
+
+
+def _corpus() -> list[str]:
+    """Training text for the tokenizer: every string in the bundled sample data."""
+    texts: list[str] = []
+    root = resources.files("sft_job") / "sample_data"
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(".jsonl"):
+            continue
+        for line in entry.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                texts.extend(_strings(json.loads(line)))
+    return texts
+
+
+def _strings(obj: object) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
+
+def _build_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.model_max_length = 1024
+    fast.save_pretrained(out)
+
+
+def _build_model(kind: str, out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    cfg = dict(_CONFIGS[kind])
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **cfg,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def builtin_dir(name: str) -> Path:
+    """The cache folder of a builtin model (may not exist yet)."""
+    kind = name.removeprefix("builtin:")
+    return cache_root() / "builtin" / f"{kind}-v{VERSION}"
+
+
+def build_builtin(name: str) -> Path:
+    """Build (once) and return the folder of builtin model `name` ('builtin:tiny-llama')."""
+    kind = name.removeprefix("builtin:")
+    if kind not in _CONFIGS:
+        raise SpecError(f"model.base: unknown builtin model '{name}' "
+                        f"(choose {', '.join('builtin:' + k for k in _CONFIGS)})")
+    final = builtin_dir(name)
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=final.parent))
+    try:
+        _build_tokenizer(tmp)
+        _build_model(kind, tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process won the race: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

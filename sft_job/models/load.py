@@ -1,0 +1,146 @@
+"""Base model and tokenizer: resolve model.base to a local folder, load, apply full/LoRA/QLoRA."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sft_job.errors import AccessError, ModelError
+from sft_job.spec import MethodSpec, ModelSpec
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def resolve_model_dir(base: str, revision: str | None = None) -> Path:
+    """A local folder holding the model `base` names (built, downloaded or cached once)."""
+    if base.startswith("builtin:"):
+        from sft_job.models.builtin import build_builtin
+
+        return build_builtin(base)
+    if base.startswith(("s3://", "gs://")):
+        from sft_job.storage.cache import fetch_model
+
+        path = fetch_model(base)
+    elif base.startswith("file://") or Path(base).expanduser().exists() or base.startswith(("/", ".")):
+        path = Path(base.removeprefix("file://")).expanduser()
+        if not path.is_dir():
+            raise ModelError(f"model.base: {base} is not a directory")
+    else:
+        path = _hub_snapshot(base.removeprefix("hf://"), revision)
+    check_model_dir(path, base)
+    return path
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(
+            repo_id, revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py",
+                            "tokenizer*"],
+        ))
+    except LocalEntryNotFoundError:
+        raise AccessError(f"model.base: {repo_id} is not in the local Hugging Face cache and the "
+                          "Hub cannot be reached (HF_HUB_OFFLINE set or no network)") from None
+    except HfHubHTTPError as e:
+        raise AccessError(f"model.base: cannot download {repo_id} from the Hub "
+                          f"({e.response.status_code if e.response is not None else 'no response'}); "
+                          "check the id and HF_TOKEN for gated/private models") from None
+
+
+def check_model_dir(path: Path, base: str) -> None:
+    """A model folder needs a config and weights: fail here, not deep inside transformers."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.base: {base} has no config.json; is it a saved model folder?")
+    has_weights = any((path / f).is_file() for f in WEIGHT_FILES) or any(path.glob("*.safetensors"))
+    if not has_weights:
+        raise ModelError(f"model.base: {base} has no weights (*.safetensors or pytorch_model.bin); "
+                         "was the upload incomplete?")
+
+
+def load_tokenizer(spec: ModelSpec, model_dir: Path, need_chat_template: bool) -> Any:
+    """Tokenizer with a pad token and (for chat data) a chat template, ChatML when none."""
+    from transformers import AutoTokenizer
+
+    from sft_job.data.formats import CHATML_TEMPLATE
+
+    src = spec.tokenizer or str(model_dir)
+    if spec.tokenizer and spec.tokenizer.startswith(("s3://", "gs://")):
+        from sft_job.storage.cache import fetch_model
+
+        src = str(fetch_model(spec.tokenizer))
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.tokenizer: cannot load a tokenizer from {src}: "
+                         f"{str(e).splitlines()[0]}") from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelError(f"model.tokenizer: {src} has no fast tokenizer (tokenizer.json); "
+                         "sft-job needs character offsets to mask prompts")
+    if tok.eos_token is None:
+        raise ModelError(f"model.tokenizer: {src} has no EOS token; the model could never learn "
+                         "to stop. Use a tokenizer with one")
+    if tok.pad_token is None:
+        # Labels are built from positions, so pad == EOS never hides the trained EOS.
+        tok.pad_token = tok.eos_token
+    if spec.chat_template == "chatml":
+        tok.chat_template = CHATML_TEMPLATE
+    elif spec.chat_template:
+        tok.chat_template = spec.chat_template
+    elif need_chat_template and not tok.chat_template:
+        log.warning("tokenizer has no chat template: using ChatML")
+        tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def load_model(spec: ModelSpec, method: MethodSpec, model_dir: Path, dtype: Any,
+               attn: str, device_map: Any = None) -> Any:
+    """The base model, 4-bit quantized for QLoRA, with input grads for checkpointing + PEFT."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn,
+                              "trust_remote_code": spec.trust_remote_code}
+    if method.kind == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.base: cannot load {spec.base}: {str(e).splitlines()[0]}") from None
+    model.config.use_cache = False
+    if method.kind == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=method.gradient_checkpointing)
+    return model
+
+
+def lora_config(method: MethodSpec, model: Any) -> Any:
+    """PEFT LoraConfig for lora/qlora, None for full fine-tuning."""
+    if method.kind == "full":
+        return None
+    from peft import LoraConfig
+
+    fan_in_fan_out = getattr(model.config, "model_type", "") in ("gpt2",)  # Conv1D weights
+    return LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=method.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=fan_in_fan_out,
+    )

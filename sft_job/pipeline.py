@@ -1,0 +1,254 @@
+"""The whole job, top to bottom: `run_job(spec)`.
+
+    sft-job run jobs/smoke-cpu.yaml
+
+Everything is written to a local staging folder first and uploaded to `output.uri` section by
+section (each committed with a marker); `_SUCCESS` is written last, so its presence means the
+run is complete and a rerun exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sft_job import storage
+from sft_job.errors import ModelError
+from sft_job.spec import JobSpec, dump_spec
+
+log = logging.getLogger("sft_job")
+
+SUCCESS = "_SUCCESS"
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each phase (logged in summary.json; bench/ reads them)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    phases: dict[str, float] = field(default_factory=dict)
+    _last: float = field(default_factory=time.perf_counter)
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = round(now - self._last, 3)
+        self._last = now
+
+
+def setup_logging() -> None:
+    """Plain timestamped lines on stderr; quiet the libraries' own chatter."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "urllib3", "botocore",
+                 "httpx", "filelock", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
+
+
+def workdir_for(spec: JobSpec) -> Path:
+    """Local scratch for this job ($SFT_JOB_WORKDIR, else the system temp dir)."""
+    root = Path(os.environ.get("SFT_JOB_WORKDIR") or Path(tempfile.gettempdir()) / "sft-job")
+    path = root / f"{spec.name}-{spec.run_hash()[:8]}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
+    """Run one job end to end and return its summary."""
+    setup_logging()
+    timings = Timings()
+    out_uri = spec.output.uri
+    if storage.exists(storage.join(out_uri, SUCCESS)):
+        log.info("%s/%s exists: this job is already done, nothing to do", out_uri, SUCCESS)
+        return {"already_done": True}
+    from sft_job.preflight import probe_output
+
+    probe_output(out_uri)  # a wrong bucket fails now, not after training
+    work = workdir_for(spec)
+    stage = work / "out"
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / "job.yaml").write_text(dump_spec(spec))
+    storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
+
+    # Imports of torch/transformers/trl happen from here on, after the cheap checks.
+    from sft_job.data import build as build_data
+    from sft_job.finish.evaluate import generate, sample_prompts
+    from sft_job.models.load import load_model, load_tokenizer, resolve_model_dir
+    from sft_job.train.backends import model_attn, resolve
+    from sft_job.train.trainer import build_trainer, metrics_callback
+
+    timings.mark("startup")
+    backend = resolve(spec)
+    model_dir = resolve_model_dir(spec.model.base, spec.model.revision)
+    tokenizer = load_tokenizer(spec.model, model_dir, need_chat_template=False)
+    timings.mark("model_fetch")
+    log.info("job %s: backend %s (%s, attention %s), base %s, method %s", spec.name,
+             backend.name, backend.dtype, backend.attn, spec.model.base, spec.method.kind)
+    bundle = build_data(spec.data, tokenizer, work)
+    timings.mark("data")
+
+    model_type = _model_type(model_dir)
+    model = load_model(spec.model, spec.method, model_dir, backend.torch_dtype(),
+                       model_attn(model_type, backend.attn))
+    timings.mark("model_load")
+    pairs = sample_prompts(spec.eval.prompts, bundle.eval_examples or bundle.train_examples,
+                           spec.eval.num_samples, bundle.format, spec.data, tokenizer)
+    before = generate(model, tokenizer, [p for _, p in pairs], spec.eval.max_new_tokens)
+    timings.mark("samples_before")
+
+    metrics_path = stage / "metrics" / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    collator_ref: list[Any] = []
+    trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer",
+                            [metrics_callback(metrics_path, collator_ref)])
+    collator_ref.append(trainer.sft_job_collator)
+    _log_plan(spec, trainer, bundle)
+    train_out = trainer.train()
+    timings.mark("train")
+
+    return _finish(spec, trainer, tokenizer, model_dir, bundle, pairs, before, train_out,
+                   stage, timings, generate)
+
+
+def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle: Any,
+            pairs: list[tuple[str, str]], before: list[str], train_out: Any, stage: Path,
+            timings: Timings, generate: Any) -> dict[str, Any]:
+    """Evaluate, sample, save/merge, write reports, upload, then _SUCCESS."""
+    from sft_job.finish import report
+    from sft_job.finish.evaluate import perplexity, samples_markdown
+
+    out_uri = spec.output.uri
+    eval_loss = None
+    if bundle.eval:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    after = generate(trainer.model, tokenizer, [p for _, p in pairs], spec.eval.max_new_tokens)
+    samples_md = samples_markdown(pairs, before, after)
+    timings.mark("evaluate")
+
+    model_out, adapter_out, merge_diff = _save_model(spec, trainer, tokenizer, model_dir,
+                                                     bundle, stage)
+    timings.mark("save_merge")
+
+    metrics = report.read_metrics(stage / "metrics" / "metrics.jsonl")
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    tps = [m["tokens_per_s"] for m in metrics if m.get("tokens_per_s")]
+    from sft_job.data.tokenize import slot_efficiency
+
+    lengths = bundle.stats.pop("train_lengths")
+    bs, ml = spec.train.batch_size, spec.data.max_length
+    summary = {
+        "name": spec.name,
+        "spec_hash": spec.run_hash(),
+        "method": spec.method.kind,
+        "steps": trainer.state.global_step,
+        "train_loss": losses[-1] if losses else None,
+        "train_loss_mean": round(float(train_out.training_loss), 6),
+        "eval_loss": eval_loss,
+        "eval_perplexity": perplexity(eval_loss),
+        "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
+        "packing_efficiency": round(slot_efficiency(
+            lengths, bs, ml, "packed" if spec.data.packing else "longest"), 4),
+        "efficiency_by_mode": {m: round(slot_efficiency(lengths, bs, ml, m), 4)
+                               for m in ("packed", "longest", "max")},
+        "merge_max_logit_diff": merge_diff,
+        "data": bundle.stats,
+        "model_uri": storage.join(out_uri, "model") if model_out else None,
+        "adapter_uri": storage.join(out_uri, "adapter") if adapter_out else None,
+        "timings_s": timings.phases,
+    }
+    metrics_dir = stage / "metrics"
+    (metrics_dir / "samples.md").write_text(samples_md)
+    report.loss_plot(metrics, metrics_dir / "loss.png")
+    if model_out:
+        (model_out / "README.md").write_text(report.model_card(spec, summary, samples_md))
+    _upload(spec, stage, model_out, adapter_out)
+    summary["hub_repo"] = _push_hub(spec, model_out, adapter_out)
+    timings.mark("upload")
+    summary["timings_s"] = timings.phases
+    summary["wall_s"] = round(time.perf_counter() - timings.start, 2)
+    report.write_json(metrics_dir / "summary.json", summary)
+    storage.put_dir(metrics_dir, storage.join(out_uri, "metrics"), commit=True)
+    storage.write_text(storage.join(out_uri, SUCCESS), "")  # last: the run is complete
+    print(report.end_screen(summary, out_uri), flush=True)
+    return summary
+
+
+def _save_model(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle: Any,
+                stage: Path) -> tuple[Path | None, Path | None, float | None]:
+    """Full: save the model. LoRA/QLoRA: save the adapter, then merge it shard by shard and
+    check the merged model's logits against base+adapter."""
+    from sft_job.finish.merge import max_logit_diff, merge_adapter
+
+    if spec.method.kind == "full":
+        out = stage / "model"
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(out)
+        return out, None, None
+    adapter = stage / "adapter"
+    trainer.model.save_pretrained(str(adapter))
+    tokenizer.save_pretrained(adapter)
+    if not spec.output.merge:
+        return None, adapter, None
+    log.info("merging the adapter into the base model (shard by shard)")
+    out = merge_adapter(model_dir, adapter, stage / "model", tokenizer)
+    diff = None
+    if spec.method.kind == "lora":  # QLoRA's reference is the 4-bit model: not comparable
+        sample = bundle.eval[0] if bundle.eval else bundle.train[0]
+        diff = max_logit_diff(trainer.model, out, sample["input_ids"][:64])
+        log.info("merge check: max |logit diff| merged vs base+adapter = %.2e", diff)
+        if diff > 1e-3:
+            raise ModelError(f"merge check failed: merged logits differ from base+adapter by "
+                             f"{diff:.3g}; the adapter was not merged correctly")
+    return out, adapter, diff
+
+
+def _upload(spec: JobSpec, stage: Path, model_out: Path | None, adapter_out: Path | None) -> None:
+    out_uri = spec.output.uri
+    if adapter_out:
+        log.info("uploading adapter to %s/adapter", out_uri)
+        storage.put_dir(adapter_out, storage.join(out_uri, "adapter"), commit=True)
+    if model_out:
+        log.info("uploading model to %s/model", out_uri)
+        storage.put_dir(model_out, storage.join(out_uri, "model"), commit=True)
+
+
+def _push_hub(spec: JobSpec, model_out: Path | None, adapter_out: Path | None) -> str | None:
+    if not spec.output.push_to_hub:
+        return None
+    from sft_job.storage.hub import push_folder
+
+    folder = adapter_out if spec.output.hub_push == "adapter" else model_out
+    if folder is None:
+        return None
+    if spec.output.hub_push == "adapter" and model_out and (model_out / "README.md").is_file():
+        (folder / "README.md").write_text((model_out / "README.md").read_text())
+    log.info("pushing %s to the Hub as %s", spec.output.hub_push, spec.output.push_to_hub)
+    push_folder(folder, spec.output.push_to_hub, private=spec.output.hub_private,
+                commit_message=f"sft-job: {spec.name}")
+    return spec.output.push_to_hub
+
+
+def _model_type(model_dir: Path) -> str:
+    import json
+
+    return json.loads((model_dir / "config.json").read_text()).get("model_type", "")
+
+
+def _log_plan(spec: JobSpec, trainer: Any, bundle: Any) -> None:
+    world = trainer.args.world_size
+    eff = spec.train.batch_size * spec.train.grad_accum * world
+    steps = spec.train.max_steps or math.ceil(math.ceil(len(bundle.train) / eff) * spec.train.epochs)
+    log.info("plan: %d train rows (%s), effective batch %d rows (%d x %d accum x %d ranks), "
+             "%d steps, <= %d tokens/step, spec hash %s", len(bundle.train),
+             "packed" if spec.data.packing else "unpacked", eff, spec.train.batch_size,
+             spec.train.grad_accum, world, steps,
+             eff * spec.data.max_length, spec.run_hash())

@@ -1,0 +1,95 @@
+"""Hardware backends: which one runs, its dtype, attention kernel and trainer settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from sft_job.errors import UnsupportedError
+from sft_job.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # cpu | cuda | tpu
+    dtype: str  # float32 | bfloat16 | float16
+    attn: str  # eager | sdpa | flash_attention_2
+    flatten_packed: bool  # varlen kernels: one flattened row per batch is linear in tokens
+    sft_args: dict[str, Any] = field(default_factory=dict)
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+def tpu_present() -> bool:
+    """A TPU runtime is configured: PJRT_DEVICE=TPU, or libtpu and torch_xla installed."""
+    if os.environ.get("PJRT_DEVICE", "").upper() == "TPU":
+        return True
+    return (importlib.util.find_spec("libtpu") is not None
+            and importlib.util.find_spec("torch_xla") is not None)
+
+
+def cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def detect() -> str:
+    """The backend `auto` resolves to: cuda, then tpu, then cpu."""
+    if cuda_present():
+        return "cuda"
+    if tpu_present():
+        return "tpu"
+    return "cpu"
+
+
+def resolve(spec: JobSpec) -> Backend:
+    """Backend for the spec; asking for hardware that is not there is an error, not a fallback."""
+    name = detect() if spec.backend == "auto" else spec.backend
+    if name == "cuda" and not cuda_present():
+        raise UnsupportedError("backend: cuda asked for but no CUDA GPU is visible "
+                               "(check the pod's nvidia.com/gpu limit); use backend: auto or cpu")
+    if name == "tpu" and importlib.util.find_spec("torch_xla") is None:
+        raise UnsupportedError("backend: tpu needs torch_xla (use the TPU image or `pip install "
+                               "sft-job[tpu]`)")
+    if spec.method.kind == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UnsupportedError("method.kind: qlora needs bitsandbytes (`pip install sft-job[qlora]`)")
+    if name == "cpu" and spec.deepspeed != "none":
+        raise UnsupportedError("deepspeed: DeepSpeed is for GPUs; set deepspeed: none on CPU")
+    if name == "cuda":
+        import torch
+
+        bf16 = torch.cuda.is_bf16_supported()
+        flash = importlib.util.find_spec("flash_attn") is not None and bf16
+        attn = _attn(spec, "flash_attention_2" if flash else "sdpa")
+        return Backend("cuda", "bfloat16" if bf16 else "float16", attn,
+                       flatten_packed=attn == "flash_attention_2",
+                       sft_args={"bf16": bf16, "fp16": not bf16})
+    if name == "tpu":
+        # sdpa in bf16 fails on XLA; eager attention works everywhere there.
+        return Backend("tpu", "bfloat16", _attn(spec, "eager"), flatten_packed=False,
+                       sft_args={"bf16": True, "optim": "adamw_torch_xla",
+                                 "dataloader_drop_last": True})
+    return Backend("cpu", "float32", _attn(spec, "sdpa"), flatten_packed=False,
+                   sft_args={"use_cpu": True, "bf16": False, "fp16": False})
+
+
+def _attn(spec: JobSpec, default: str) -> str:
+    if spec.model.attn_implementation != "auto":
+        return spec.model.attn_implementation
+    return default
+
+
+def model_attn(model_type: str, attn: str) -> str:
+    """Some architectures have no sdpa path (GPT-Neo): use eager there."""
+    if attn == "sdpa" and model_type in ("gpt_neo",):
+        return "eager"
+    return attn

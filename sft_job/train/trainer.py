@@ -1,0 +1,151 @@
+"""TRL SFTTrainer from the spec: SFTConfig, datasets, collator and callbacks. No subclassing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sft_job.data import DataBundle
+from sft_job.data.tokenize import make_collator
+from sft_job.errors import SpecError
+from sft_job.spec import JobSpec
+from sft_job.train.backends import Backend
+
+log = logging.getLogger(__name__)
+
+
+class CountingCollator:
+    """Wraps a collator and counts the real (non-pad) tokens it hands out, for tokens/s."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.tokens = 0
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        self.tokens += sum(len(e["input_ids"]) for e in examples)
+        return self.inner(examples)
+
+
+def sft_config(spec: JobSpec, backend: Backend, output_dir: Path, has_eval: bool) -> Any:
+    """SFTConfig built from the spec, the backend's settings, then `trainer:` passthrough."""
+    from trl import SFTConfig
+
+    t = spec.train
+    args: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "num_train_epochs": t.epochs,
+        "max_steps": t.max_steps or -1,
+        "per_device_train_batch_size": t.batch_size,
+        "per_device_eval_batch_size": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": t.warmup_ratio,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "logging_steps": t.logging_steps,
+        "logging_first_step": True,
+        "eval_strategy": "steps" if (has_eval and t.eval_steps) else "no",
+        "eval_steps": t.eval_steps,
+        "save_strategy": "no",
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "report_to": "none",
+        "gradient_checkpointing": spec.method.gradient_checkpointing,
+        "max_length": spec.data.max_length,
+        "packing": False,  # packed upstream (sft_job.data), so the collator can stay per-backend
+        "padding_free": False,
+        "dataset_kwargs": {"skip_prepare_dataset": True},
+        "dataloader_num_workers": 0,
+        "disable_tqdm": not sys.stderr.isatty(),
+        "use_liger_kernel": False,
+    }
+    args.update(backend.sft_args)
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    unknown = sorted(set(spec.trainer) - fields)
+    if unknown:
+        raise SpecError(f"trainer: unknown SFTConfig field(s) {', '.join(unknown)} "
+                        "(see trl.SFTConfig for the names)")
+    args.update(spec.trainer)
+    try:
+        return SFTConfig(**args)
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"trainer: SFTConfig rejected the settings: {str(e).splitlines()[0]}") from None
+
+
+def build_trainer(spec: JobSpec, backend: Backend, model: Any, tokenizer: Any,
+                  bundle: DataBundle, output_dir: Path, callbacks: list[Any]) -> Any:
+    """An SFTTrainer over pre-tokenized (and packed) rows."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from sft_job.models.load import lora_config
+
+    config = sft_config(spec, backend, output_dir, bool(bundle.eval))
+    collator = CountingCollator(make_collator(
+        tokenizer.pad_token_id, packing=spec.data.packing, flatten=backend.flatten_packed,
+        pad_to_multiple_of=None if backend.name != "tpu" else spec.data.max_length))
+    train_ds = Dataset.from_list(bundle.train)
+    eval_ds = Dataset.from_list(bundle.eval) if bundle.eval else None
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        data_collator=collator,
+        peft_config=lora_config(spec.method, model),
+        callbacks=callbacks,
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our metrics callback logs one readable line
+    trainer.sft_job_collator = collator  # read by the metrics callback for tokens/s
+    return trainer
+
+
+def metrics_callback(path: Path, collator_ref: list[Any]) -> Any:
+    """A TrainerCallback appending every log record to metrics.jsonl with tokens/s."""
+    from transformers import TrainerCallback
+
+    class MetricsLogger(TrainerCallback):
+        def __init__(self) -> None:
+            self.t0 = time.perf_counter()
+            self.last_t = self.t0
+            self.last_tokens = 0
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            now = time.perf_counter()
+            tokens = collator_ref[0].tokens if collator_ref else 0
+            rec = {"step": state.global_step, **{k: _num(v) for k, v in logs.items()}}
+            if "loss" in logs and now > self.last_t:
+                rec["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_t), 1)
+                rec["tokens_seen"] = tokens
+                self.last_t, self.last_tokens = now, tokens
+            rec["elapsed_s"] = round(now - self.t0, 2)
+            with path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if "loss" in logs:
+                log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s",
+                         state.global_step, state.max_steps, logs["loss"],
+                         logs.get("learning_rate", 0.0), logs.get("grad_norm", 0.0) or 0.0,
+                         rec.get("tokens_per_s", "-"))
+            elif "eval_loss" in logs:
+                log.info("step %d  eval_loss %.4f", state.global_step, logs["eval_loss"])
+
+    return MetricsLogger()
+
+
+def _num(v: Any) -> Any:
+    try:
+        return round(float(v), 6)
+    except (TypeError, ValueError):
+        return v
