@@ -1,25 +1,315 @@
-"""Preflight: everything `sft-job validate` checks before a GPU is rented."""
+"""Preflight: everything `sft-job validate` checks before a GPU is rented.
+
+    sft-job validate jobs/gpt2-alpaca-lora.yaml --samples 3 --json report.json
+
+Spec -> storage access -> tokenizer -> data (counts, lengths, truncation, packing efficiency) ->
+N samples rendered as training sees them -> memory estimate. Problems are collected, not
+raised one by one, so a user sees everything at once; the exit code is 2 (3 when every problem
+is a storage/Hub access problem).
+"""
 
 from __future__ import annotations
 
+import json
+import statistics
+import sys
+import tempfile
 import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from sft_job import storage
+from sft_job.errors import EXIT_ACCESS, EXIT_SPEC, AccessError, SftJobError
+from sft_job.spec import JobSpec
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                   "config.json", "generation_config.json")
 
 
-def probe_output(uri: str) -> None:
+class PreflightFailed(SftJobError):
+    """validate found problems; the exit code says which kind."""
+
+
+@dataclass
+class Report:
+    problems: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def problem(self, where: str, message: str, kind: str = "spec") -> None:
+        self.problems.append({"where": where, "message": message, "kind": kind})
+
+
+def probe_output(uri: str) -> str:
     """Write then delete a small probe object under `uri`: a missing bucket, denied access or
-    a path that is a file fails here (exit 3) instead of after training."""
-    from sft_job.errors import AccessError
+    a path that is a file fails here (exit 3) instead of after training. Returns the
+    credential source used (never the secret)."""
     from sft_job.storage.base import split_uri
 
     scheme, _, key = split_uri(uri)
-    if scheme == "file":
-        from pathlib import Path
-
-        p = Path(key)
-        if p.exists() and not p.is_dir():
-            raise AccessError(f"output.uri: {uri} is a file, not a directory")
+    if scheme == "file" and Path(key).exists() and not Path(key).is_dir():
+        raise AccessError(f"output.uri: {uri} is a file, not a directory")
+    if scheme == "hf":
+        raise AccessError(f"output.uri: {uri}: the Hub is not an output location; use "
+                          "output.push_to_hub: org/name and a bucket or path for output.uri")
     probe = storage.join(uri, f".sft-job-probe-{uuid.uuid4().hex[:8]}")
     storage.write_text(probe, "probe")
     storage.delete_prefix(probe)
+    return credential_source(uri)
+
+
+def credential_source(uri: str) -> str:
+    """Which credential chain serves `uri` (a description, never a secret)."""
+    fn = getattr(storage, "credential_source", None)
+    if fn is not None:
+        return fn(uri)
+    return "local filesystem" if "://" not in uri or uri.startswith("file://") else "default"
+
+
+def _probe_input(uri: str, label: str, rep: Report) -> None:
+    from sft_job.storage.base import is_remote
+
+    try:
+        if not is_remote(uri):
+            if not Path(uri.removeprefix("file://")).expanduser().exists():
+                rep.problem(label, f"{uri}: no such file or directory", "data")
+            return
+        if uri.startswith("hf://"):
+            return  # fetched with the Hub client during the data check
+        if not storage.list_keys(uri) and not storage.exists(uri):
+            rep.problem(label, f"{uri}: no object or prefix found (empty or missing)", "data")
+            return
+        rep.facts.setdefault("credentials", {})[label] = credential_source(uri)
+    except SftJobError as e:
+        rep.problem(label, str(e), "access" if isinstance(e, AccessError) else "data")
+
+
+def preflight(spec: JobSpec, samples: int = 2, json_out: Path | None = None) -> Report:
+    """Run every check; print a report; raise PreflightFailed when the job would fail."""
+    rep = Report()
+    rep.facts["spec_hash"] = spec.run_hash()
+    _check_spec(spec, rep)
+    _check_storage(spec, rep)
+    tok = _tokenizer(spec, rep)
+    if tok is not None:
+        _check_data(spec, tok, samples, rep)
+    _estimate_memory(spec, rep)
+    _print(rep)
+    if json_out:
+        json_out.write_text(json.dumps({"ok": not rep.problems, **rep.__dict__}, indent=2,
+                                       default=str))
+    if rep.problems:
+        access_only = all(p["kind"] == "access" for p in rep.problems)
+        err = PreflightFailed(f"validate: {len(rep.problems)} problem(s), the job would fail: "
+                              + "; ".join(f"{p['where']}: {p['message']}" for p in rep.problems))
+        err.exit_code = EXIT_ACCESS if access_only else EXIT_SPEC
+        raise err
+    return rep
+
+
+def _check_spec(spec: JobSpec, rep: Report) -> None:
+    if spec.data.packing and spec.model.trust_remote_code:
+        rep.problem("data.packing", "custom model code (trust_remote_code) may not honour "
+                    "per-sample position ids, so packed samples could attend to each other; "
+                    "set data.packing: false")
+    if spec.trainer:
+        from trl import SFTConfig
+
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(SFTConfig)}
+        for k in sorted(set(spec.trainer) - names):
+            rep.problem(f"trainer.{k}", "not an SFTConfig field")
+    if spec.method.kind == "qlora":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            rep.problem("method.kind", "qlora needs bitsandbytes (pip install sft-job[qlora])")
+
+
+def _check_storage(spec: JobSpec, rep: Report) -> None:
+    _probe_input(spec.data.train, "data.train", rep)
+    if spec.data.eval:
+        _probe_input(spec.data.eval, "data.eval", rep)
+    if spec.model.base.startswith(("s3://", "gs://")):
+        _probe_input(spec.model.base, "model.base", rep)
+    try:
+        rep.facts.setdefault("credentials", {})["output.uri"] = probe_output(spec.output.uri)
+    except SftJobError as e:
+        rep.problem("output.uri", str(e), "access" if isinstance(e, AccessError) else "spec")
+
+
+def _tokenizer(spec: JobSpec, rep: Report) -> Any:
+    from sft_job.models.load import check_model_dir, load_tokenizer
+
+    base = spec.model.base
+    try:
+        if base.startswith("builtin:"):
+            from sft_job.models.builtin import build_builtin
+
+            src = build_builtin(base)
+        elif base.startswith(("s3://", "gs://")):
+            src = _fetch_tokenizer_files(base)
+        elif "://" in base and not base.startswith(("file://", "hf://")):
+            raise AccessError(f"unsupported model URI {base}")
+        elif Path(base.removeprefix("file://")).expanduser().exists():
+            src = Path(base.removeprefix("file://")).expanduser()
+            check_model_dir(src, base)
+        else:
+            src = Path(base.removeprefix("hf://"))  # a Hub id: the tokenizer files only
+        return load_tokenizer(spec.model, src, need_chat_template=False)
+    except SftJobError as e:
+        rep.problem("model.base", str(e), "access" if isinstance(e, AccessError) else "model")
+    except OSError as e:
+        rep.problem("model.base", f"cannot load the tokenizer of {base}: "
+                    f"{str(e).splitlines()[0]}", "access")
+    return None
+
+
+def _fetch_tokenizer_files(uri: str) -> Path:
+    """Download only the tokenizer and config of a bucket model (not the weights), and check
+    the listing has weights."""
+    from sft_job.errors import ModelError
+
+    keys = storage.list_keys(uri)
+    if not keys:
+        raise AccessError(f"{uri}: empty or missing model prefix")
+    if "config.json" not in keys:
+        raise ModelError(f"{uri}: no config.json; is it a saved model folder?")
+    if not any(k.endswith((".safetensors", ".bin")) for k in keys):
+        raise ModelError(f"{uri}: no weights (*.safetensors or *.bin); was the upload incomplete?")
+    dest = Path(tempfile.mkdtemp(prefix="sft-job-tok-"))
+    for k in keys:
+        if k in TOKENIZER_FILES:
+            storage.get(storage.join(uri, k), dest / k)
+    return dest
+
+
+def _check_data(spec: JobSpec, tok: Any, n_samples: int, rep: Report) -> None:
+    from sft_job.data import prepare, split
+    from sft_job.data.tokenize import slot_efficiency, tokenize_all
+
+    work = Path(tempfile.mkdtemp(prefix="sft-job-validate-"))
+    relaxed = spec.data.model_copy(update={"on_malformed": "skip"})
+    try:
+        prep = prepare(spec.data.train, relaxed, tok, work)
+    except SftJobError as e:
+        rep.problem("data.train", str(e), "data")
+        return
+    d = rep.facts["data"] = {
+        "format": prep.format,
+        "files": [str(f) for f in prep.files],
+        "rows": len(prep.examples) + len(prep.malformed),
+        "usable": len(prep.examples),
+        "malformed": len(prep.malformed),
+        "malformed_examples": [f"{m.source}: {m.reason}" for m in prep.malformed[:5]],
+        "empty_responses": prep.empty_responses,
+        "duplicates": prep.duplicates,
+    }
+    if prep.malformed and spec.data.on_malformed == "fail":
+        m = prep.malformed[0]
+        rep.problem("data.train", f"{len(prep.malformed)} malformed row(s), first {m.source}: "
+                    f"{m.reason} (fix them or set data.on_malformed: skip)", "data")
+    train_ex, _ = split(prep.examples, spec.data.eval_fraction, spec.data.seed) \
+        if spec.data.eval_fraction and len(prep.examples) > 1 else (prep.examples, [])
+    rows, st = tokenize_all(train_ex, tok, spec.data.max_length)
+    lengths = st.raw_lengths
+    if lengths:
+        q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else [lengths[0]] * 19
+        d["tokens"] = {"min": min(lengths), "median": statistics.median(lengths),
+                       "p95": round(q[18], 1), "max": max(lengths)}
+    d["truncated"] = st.truncated
+    d["dropped_prompt_too_long"] = st.dropped_no_target
+    if not rows:
+        rep.problem("data.max_length", f"every row's prompt fills max_length="
+                    f"{spec.data.max_length} tokens: nothing to train on; raise data.max_length",
+                    "data")
+        return
+    bs, ml = spec.train.batch_size, spec.data.max_length
+    d["efficiency"] = {m: round(slot_efficiency(st.lengths, bs, ml, m), 4)
+                       for m in ("packed", "longest", "max")}
+    d["samples"] = [_render(r, tok) for r in rows[:n_samples]]
+    eos = tok.eos_token_id
+    bad_eos = [ex.source for ex, r in zip(train_ex, rows, strict=False)
+               if r["labels"][-1] != eos and len(r["input_ids"]) < ml]
+    if bad_eos:
+        rep.problem("data", f"{len(bad_eos)} row(s) do not end with a trained EOS "
+                    f"(first {bad_eos[0]}); the model would not learn to stop")
+
+
+def _render(row: dict[str, list[int]], tok: Any) -> dict[str, Any]:
+    """One sample with masked (prompt) text in [[...]] and trained text as is."""
+    parts, cur, cur_masked = [], [], None
+    for tid, lab in zip(row["input_ids"], row["labels"], strict=True):
+        masked = lab == -100
+        if cur_masked is not None and masked != cur_masked:
+            parts.append((cur_masked, tok.decode(cur, skip_special_tokens=False)))
+            cur = []
+        cur.append(tid)
+        cur_masked = masked
+    if cur:
+        parts.append((cur_masked, tok.decode(cur, skip_special_tokens=False)))
+    text = "".join(f"[[{t}]]" if m else t for m, t in parts)
+    return {"text": text, "tokens": len(row["input_ids"]),
+            "trained_tokens": sum(1 for x in row["labels"] if x != -100),
+            "ends_with_trained_eos": row["labels"][-1] == tok.eos_token_id}
+
+
+def _estimate_memory(spec: JobSpec, rep: Report) -> None:
+    from sft_job.memory import estimate
+
+    try:
+        est = estimate(spec)
+    except SftJobError as e:
+        rep.warnings.append(f"memory estimate skipped: {e}")
+        return
+    except OSError as e:
+        rep.warnings.append(f"memory estimate skipped: config not reachable ({str(e)[:120]})")
+        return
+    if est is None:
+        return
+    rep.facts["memory"] = est
+    acc = spec.resources.accelerator
+    if acc and est.get("device_gb") and est["total_gb"] > est["device_gb"] * 0.92:
+        rep.warnings.append(
+            f"memory: about {est['total_gb']:.1f} GB per device needed, {acc} has "
+            f"{est['device_gb']} GB: it will not fit; try method.kind: lora/qlora, "
+            "method.gradient_checkpointing: true, a smaller train.batch_size or ZeRO-3")
+
+
+def _print(rep: Report) -> None:
+    out = sys.stdout
+    d = rep.facts.get("data", {})
+    print("sft-job validate", file=out)
+    for k, v in rep.facts.get("credentials", {}).items():
+        print(f"  access   {k}: ok ({v})", file=out)
+    if d:
+        print(f"  data     {d['format']} format, {d['rows']} rows, {d['usable']} usable, "
+              f"{d['malformed']} malformed, {d['empty_responses']} empty responses, "
+              f"{d['duplicates']} duplicates", file=out)
+        for m in d["malformed_examples"]:
+            print(f"           malformed {m}", file=out)
+        if "tokens" in d:
+            t = d["tokens"]
+            print(f"  tokens   min {t['min']} / median {t['median']} / p95 {t['p95']} / max "
+                  f"{t['max']}; {d['truncated']} truncated, {d['dropped_prompt_too_long']} "
+                  "dropped (prompt too long)", file=out)
+        if "efficiency" in d:
+            e = d["efficiency"]
+            print(f"  packing  useful/slots: packed {e['packed']:.1%}, pad-to-longest "
+                  f"{e['longest']:.1%}, pad-to-max {e['max']:.1%}", file=out)
+        for i, s in enumerate(d.get("samples", []), 1):
+            print(f"  sample {i} ({s['tokens']} tokens, {s['trained_tokens']} trained; "
+                  "[[masked]] is prompt, the rest is trained):", file=out)
+            print("    " + s["text"].replace("\n", "\n    "), file=out)
+    mem = rep.facts.get("memory")
+    if mem:
+        print(f"  memory   ~{mem['total_gb']:.2f} GB per device ({mem['breakdown_gb']})", file=out)
+    for w in rep.warnings:
+        print(f"  warning  {w}", file=out)
+    for p in rep.problems:
+        print(f"  PROBLEM  {p['where']}: {p['message']}", file=out)
+    print("  result   " + ("OK: the job would run" if not rep.problems
+                           else f"{len(rep.problems)} problem(s)"), file=out)

@@ -151,6 +151,21 @@ class OutputSpec(Strict):
     )
 
 
+ACCELERATOR_MEMORY_GB = {
+    "nvidia-t4": 16, "nvidia-v100-16gb": 16, "nvidia-v100-32gb": 32, "nvidia-l4": 24,
+    "nvidia-a10g": 24, "nvidia-a100-40gb": 40, "nvidia-a100-80gb": 80, "nvidia-h100-80gb": 80,
+    "nvidia-h200": 141, "tpu-v5e": 16, "cpu": 0,
+}
+
+
+class ResourcesSpec(Strict):
+    accelerator: Literal[tuple(ACCELERATOR_MEMORY_GB)] | None = Field(  # type: ignore[valid-type]
+        None, description="The accelerator the job will run on, for the memory check of "
+        "`sft-job validate` (e.g. nvidia-l4, nvidia-h100-80gb, tpu-v5e)."
+    )
+    devices: int = Field(1, gt=0, description="Devices (GPUs / TPU chips) in all, for estimates.")
+
+
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", description="Job name (DNS-ish).")
     model: ModelSpec
@@ -166,6 +181,7 @@ class JobSpec(Strict):
         description="DeepSpeed ZeRO: none | zero2 | zero3 | zero3-offload | path to a JSON config.",
     )
     output: OutputSpec
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     trainer: dict[str, Any] = Field(
         default_factory=dict,
         description="Passthrough of extra trl.SFTConfig fields, checked against SFTConfig.",
@@ -183,6 +199,7 @@ class JobSpec(Strict):
         d = self.model_dump(mode="json")
         d["output"] = {k: d["output"][k] for k in ("merge",)}
         d.pop("eval", None)
+        d.pop("resources", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

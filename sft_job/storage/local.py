@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from sft_job.errors import AccessError
-from sft_job.storage.base import COMMIT_MARKER
+from sft_job.storage.base import COMMIT_MARKER, ObjectInfo
 
 
 class LocalStore:
@@ -87,3 +87,29 @@ class LocalStore:
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         tmp.write_bytes(data)
         os.replace(tmp, dest)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        p = Path(key)
+        if not p.is_file():
+            return None
+        st = p.stat()
+        return ObjectInfo(st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
+
+    def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
+        root = Path(prefix)
+        out = {}
+        for rel in self.list(prefix):
+            info = self.stat(str(root / rel))
+            if info is not None:
+                out[rel] = info
+        return out
+
+    def probe(self, key: str, write: bool) -> str:
+        p = Path(key)
+        if write:
+            parent = next((q for q in (p, *p.parents) if q.exists()), None)
+            if parent is None or not os.access(parent, os.W_OK):
+                raise AccessError(f"{key}: not writable by uid {os.getuid()}")
+        elif not p.exists():
+            raise AccessError(f"{key}: no such file or directory")
+        return "local"

@@ -1,0 +1,326 @@
+"""Google Cloud Storage through google-cloud-storage: parallel transfers verified by CRC32C.
+
+Credentials come from Application Default Credentials (Workload Identity, a service-account
+key in GOOGLE_APPLICATION_CREDENTIALS, gcloud user login); STORAGE_EMULATOR_HOST points the
+client at an emulator. Files upload in parallel (a thread each; resumable above 8 MB), large
+files download in parallel ranges (`transfer_manager.download_chunks_concurrently`). Every
+call retries 429/5xx/connection errors with google.api_core's exponential backoff for at most
+SFT_JOB_STORAGE_RETRY_TIMEOUT seconds (default 120), uploads included (rewriting the same
+bytes is idempotent here). After each transfer the local CRC32C is compared with the object's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from sft_job.errors import AccessError, SftJobError, TransientError
+from sft_job.storage.base import COMMIT_MARKER, ObjectInfo, key_join, local_files, manifest, safe_dest
+from sft_job.storage.checksum import ChecksumError, crc32c_b64
+from sft_job.storage.progress import Progress, ProgressReader
+from sft_job.storage.retry import VERIFY_ATTEMPTS, retry_timeout, transfer_verified
+
+WORKERS = 8
+SLICED_MIN = 64 << 20  # files this large download in parallel ranges
+SLICE = 32 << 20
+_ENV_KEYS = ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT",
+             "SFT_JOB_STORAGE_RETRY_TIMEOUT")
+
+
+class GCSStore:
+    """One GCS bucket. Keys are object names; a prefix names the 'folder' `prefix/`."""
+
+    def __init__(self, bucket: str) -> None:
+        self.name = bucket
+        self._client: Any = None
+
+    # ------------------------------------------------------------------ reads
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        with self._errors(key):
+            blob = self.bucket.get_blob(key, retry=_retry())
+            if blob is None:
+                self._raise_missing(key)
+            self._download([(dest, blob)], f"download {self._uri(key)}")
+        return dest
+
+    def get_prefix(self, prefix: str, dest: Path) -> Path:
+        with self._errors(prefix):
+            blobs = self._list(prefix)
+            if not blobs:
+                raise AccessError(f"{self._uri(prefix)}: no objects under this prefix")
+            items = [(safe_dest(dest, rel, self._uri(prefix)), b) for rel, b in blobs.items()]
+            self._download(items, f"download {self._uri(prefix)}")
+        return dest
+
+    def list(self, prefix: str) -> list[str]:
+        with self._errors(prefix):
+            return sorted(self._list(prefix))
+
+    def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
+        with self._errors(prefix):
+            return {rel: _info(b) for rel, b in sorted(self._list(prefix).items())}
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        with self._errors(key):
+            blob = self.bucket.get_blob(key, retry=_retry()) if key else None
+            if blob is None:
+                self._check_bucket()
+                return None
+            return _info(blob)
+
+    def exists(self, key: str) -> bool:
+        if not key:
+            with self._errors(key):
+                self._check_bucket()
+                return True
+        return self.stat(key) is not None
+
+    def read_bytes(self, key: str) -> bytes:
+        from google.api_core.exceptions import NotFound
+        from google.cloud.storage.exceptions import DataCorruption
+
+        with self._errors(key):
+            for _ in range(VERIFY_ATTEMPTS):
+                try:
+                    return self.bucket.blob(key).download_as_bytes(checksum="crc32c",
+                                                                   retry=_retry())
+                except NotFound:
+                    self._raise_missing(key)
+                except DataCorruption:
+                    continue
+            raise ChecksumError(f"{self._uri(key)}: downloaded bytes fail the CRC32C check "
+                                f"after {VERIFY_ATTEMPTS} tries")
+
+    # ----------------------------------------------------------------- writes
+
+    def put_file(self, src: Path, key: str) -> None:
+        if not src.is_file():
+            raise AccessError(f"{src}: no such local file to upload")
+        with self._errors(key):
+            self._upload([(src, key)], f"upload {self._uri(key)}")
+
+    def put_dir(self, src: Path, prefix: str, commit: bool = True) -> None:
+        files = local_files(src)
+        marker = key_join(prefix, COMMIT_MARKER)
+        with self._errors(prefix):
+            if commit:  # a re-upload must not look committed while it is in flux
+                self._delete([marker])
+            self._upload([(p, key_join(prefix, rel)) for rel, p in files],
+                         f"upload {self._uri(prefix)}")
+            if commit:
+                self.write_bytes(marker, manifest(files))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        import google_crc32c
+
+        want = _b64(google_crc32c.Checksum(data).digest())
+        with self._errors(key):
+            for _ in range(VERIFY_ATTEMPTS):
+                blob = self.bucket.blob(key)
+                blob.upload_from_string(data, retry=_retry())
+                if blob.crc32c in (None, want):
+                    return
+            raise ChecksumError(f"{self._uri(key)}: the stored CRC32C does not match the bytes "
+                                f"sent after {VERIFY_ATTEMPTS} tries")
+
+    def delete_prefix(self, prefix: str) -> None:
+        if not prefix.strip("/"):
+            raise ValueError(f"refusing to delete the whole bucket gs://{self.name}")
+        prefix = prefix.strip("/")
+        with self._errors(prefix):
+            # The marker goes first so a half-deleted directory never looks committed.
+            self._delete([key_join(prefix, COMMIT_MARKER)])
+            names = [b.name for b in self.client.list_blobs(self.name, prefix=prefix,
+                                                             retry=_retry())
+                     if b.name == prefix or b.name.startswith(prefix + "/")]
+            self._delete(names)
+
+    def probe(self, key: str, write: bool) -> str:
+        """Check credentials and access now; returns the credential kind in use."""
+        with self._errors(key):
+            kind = _credential_kind(self.client)
+            self._check_bucket(key)
+            if write:
+                probe = key_join(key, f".sft-job-probe-{uuid.uuid4().hex}")
+                self.bucket.blob(probe).upload_from_string(b"", retry=_retry())
+                self._delete([probe])
+            elif key and self.bucket.get_blob(key, retry=_retry()) is None \
+                    and not self._list(key, limit=1):
+                raise AccessError(f"{self._uri(key)}: no such object or prefix")
+            return kind
+
+    # --------------------------------------------------------------- helpers
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = _client(tuple(os.environ.get(k) for k in _ENV_KEYS))
+        return self._client
+
+    @property
+    def bucket(self) -> Any:
+        return self.client.bucket(self.name)
+
+    def _uri(self, key: str) -> str:
+        return f"gs://{self.name}/{key}".rstrip("/")
+
+    def _check_bucket(self, prefix: str = "") -> None:
+        """Raise NotFound if the bucket is missing (needs only storage.objects.list)."""
+        list(self.client.list_blobs(self.name, prefix=prefix or None, max_results=1,
+                                    retry=_retry()))
+
+    def _raise_missing(self, key: str) -> None:
+        self._check_bucket()
+        raise AccessError(f"{self._uri(key)}: no such object")
+
+    def _list(self, prefix: str, limit: int | None = None) -> dict[str, Any]:
+        p = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        blobs = self.client.list_blobs(self.name, prefix=p or None, max_results=limit,
+                                       retry=_retry())
+        return {b.name[len(p):]: b for b in blobs if not b.name.endswith("/")}
+
+    def _delete(self, names: list[str]) -> None:
+        from google.api_core.exceptions import NotFound
+
+        for name in names:
+            with contextlib.suppress(NotFound):
+                self.bucket.blob(name).delete(retry=_retry())
+
+    def _upload(self, pairs: list[tuple[Path, str]], desc: str) -> None:
+        with Progress(sum(p.stat().st_size for p, _ in pairs), desc) as progress:
+            def one(pair: tuple[Path, str]) -> None:
+                path, key = pair
+                with open(path, "rb") as fh:
+                    self.bucket.blob(key).upload_from_file(
+                        ProgressReader(fh, progress), size=path.stat().st_size,
+                        retry=_retry(), checksum=None)
+
+            transfer_verified(pairs, lambda batch: _parallel(one, batch),
+                              lambda pk: self._verify(pk[0], self.bucket.get_blob(pk[1]), pk[1]),
+                              lambda pk: self._uri(pk[1]))
+
+    def _download(self, items: list[tuple[Path, Any]], desc: str) -> None:
+        from google.cloud.storage import transfer_manager
+
+        with Progress(sum(b.size or 0 for _, b in items), desc) as progress:
+            def one(item: tuple[Path, Any]) -> None:
+                dest, blob = item
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                part = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+                if (blob.size or 0) >= SLICED_MIN:
+                    transfer_manager.download_chunks_concurrently(
+                        blob, str(part), chunk_size=SLICE, max_workers=4,
+                        worker_type=transfer_manager.THREAD, crc32c_checksum=False,
+                        download_kwargs={"retry": _retry()})
+                else:
+                    blob.download_to_filename(str(part), checksum=None, retry=_retry())
+                os.replace(part, dest)
+                progress.update(blob.size or 0)
+
+            transfer_verified(items, lambda batch: _parallel(one, batch),
+                              lambda i: self._verify(i[0], i[1], i[1].name),
+                              lambda i: self._uri(i[1].name))
+
+    def _verify(self, path: Path, blob: Any, key: str) -> None:
+        """Raise ChecksumError unless the local file matches the object's size and CRC32C."""
+        if blob is None or not path.is_file():
+            raise ChecksumError(f"{self._uri(key)}: missing after the transfer")
+        size = path.stat().st_size
+        if blob.size != size:
+            raise ChecksumError(f"{self._uri(key)}: {blob.size} bytes in GCS, {size} locally")
+        local = crc32c_b64(path)
+        if blob.crc32c and blob.crc32c != local:
+            raise ChecksumError(f"{self._uri(key)}: CRC32C {blob.crc32c} in GCS, {local} locally")
+
+    @contextlib.contextmanager
+    def _errors(self, key: str) -> Iterator[None]:
+        """Turn google errors into AccessError (exit 3) or TransientError (exit 75)."""
+        try:
+            yield
+        except SftJobError:
+            raise
+        except Exception as err:
+            mapped = map_error(err, self._uri(key), self.name)
+            if mapped is None:
+                raise
+            raise mapped from err
+
+
+def map_error(err: BaseException, uri: str, bucket: str) -> SftJobError | None:
+    """The user-facing error for a google-cloud-storage failure, or None (a bug)."""
+    import requests
+    from google.api_core import exceptions as gx
+    from google.auth import exceptions as ax
+    from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
+
+    if isinstance(err, (ax.DefaultCredentialsError, ax.RefreshError)):
+        return AccessError(
+            f"{uri}: no usable Google credentials ({type(err).__name__}); use Workload Identity "
+            "for the pod's ServiceAccount, or set GOOGLE_APPLICATION_CREDENTIALS")
+    if isinstance(err, gx.NotFound):
+        return AccessError(f"{uri}: bucket '{bucket}' does not exist (or the object is "
+                           "missing); create it or fix the URI")
+    if isinstance(err, (gx.Forbidden, gx.Unauthorized)):
+        return AccessError(f"{uri}: access denied ({err.code}); grant the job's service account "
+                           f"roles/storage.objectAdmin (or objectViewer to read) on '{bucket}'")
+    if isinstance(err, DataCorruption):
+        return ChecksumError(f"{uri}: downloaded bytes fail their checksum")
+    status = getattr(getattr(err, "response", None), "status_code", 0) or getattr(err, "code", 0)
+    if isinstance(err, (gx.RetryError, gx.ServerError, gx.TooManyRequests, requests.RequestException,
+                        ConnectionError, TimeoutError, ax.TransportError)) or (
+            isinstance(status, int) and (status >= 500 or status == 429)):
+        return TransientError(f"{uri}: GCS still failing after retrying for {retry_timeout():.0f}s "
+                              f"({type(err).__name__}); rerun the job later")
+    if isinstance(err, (gx.GoogleAPICallError, InvalidResponse)):
+        return AccessError(f"{uri}: GCS refused the request ({status or type(err).__name__})")
+    return None
+
+
+def _info(blob: Any) -> ObjectInfo:
+    return ObjectInfo(int(blob.size or 0), f"{blob.generation}:{blob.crc32c or blob.md5_hash}")
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.b64encode(raw).decode()
+
+
+def _parallel(fn: Any, items: list[Any]) -> None:
+    if len(items) == 1:
+        fn(items[0])
+        return
+    with ThreadPoolExecutor(min(WORKERS, len(items))) as pool:
+        for _ in pool.map(fn, items):
+            pass
+
+
+def _retry() -> Any:
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_delay(initial=0.5, multiplier=2.0, maximum=16.0).with_timeout(
+        retry_timeout())
+
+
+def _credential_kind(client: Any) -> str:
+    creds = client._credentials
+    return f"google:{type(creds).__module__.rsplit('.', 1)[-1]}.{type(creds).__name__}"
+
+
+@functools.lru_cache(maxsize=4)
+def _client(_env: tuple[str | None, ...]) -> Any:
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"),
+                              credentials=AnonymousCredentials())
+    return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT"))

@@ -1,0 +1,350 @@
+"""The Hugging Face Hub as a store, through huggingface_hub.
+
+URIs: `hf://org/name[@rev][/path]` (models), `hf://datasets/org/name[@rev][/path]` (datasets).
+Downloads use snapshot_download/hf_hub_download pinned to one commit; uploads create the repo
+(private by default) and commit a folder with upload_folder, with the token from HF_TOKEN (or
+the token file). A Hub commit is atomic, so no COMMITTED marker is written here. Every file is
+verified after a transfer against the Hub's tree listing: git blob SHA-1, or SHA-256 for LFS
+files. HF_ENDPOINT points the client at another Hub (tests use a fake one on loopback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
+from sft_job.storage.base import COMMIT_MARKER, ObjectInfo, local_files, safe_dest
+from sft_job.storage.checksum import ChecksumError, git_blob_sha1, sha256_hex
+from sft_job.storage.retry import call, max_attempts, transfer_verified
+
+
+class HubStore:
+    """Repositories on the Hub. Keys are `[datasets/]org/name[@rev][/path]`."""
+
+    def __init__(self, bucket: str = "") -> None:
+        del bucket  # hf:// URIs carry no bucket: the repo id is in the key
+
+    # ------------------------------------------------------------------ reads
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        u = _parse(key)
+        if not u.path_in_repo:
+            raise SpecError(f"hf://{key}: names a repository, not a file in it")
+        with _errors(key):
+            sha = self._sha(u)
+            entry = self._tree(u, sha, file=True)[u.path_in_repo]
+            self._download(u, sha, {dest: entry}, dest.parent)
+        return dest
+
+    def get_prefix(self, prefix: str, dest: Path) -> Path:
+        u = _parse(prefix)
+        with _errors(prefix):
+            sha = self._sha(u)
+            entries = self._tree(u, sha)
+            if not entries:
+                raise AccessError(f"hf://{prefix}: no files under this path")
+            where = f"hf://{prefix}"
+            self._download(u, sha, {safe_dest(dest, rel, where): e for rel, e in entries.items()},
+                           dest)
+        return dest
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(self.list_info(prefix))
+
+    def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
+        u = _parse(prefix)
+        with _errors(prefix):
+            entries = self._tree(u, self._sha(u))
+            return {rel: ObjectInfo(e.size, e.lfs.sha256 if e.lfs else e.blob_id)
+                    for rel, e in sorted(entries.items())}
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        u = _parse(key)
+        with _errors(key):
+            if not u.path_in_repo:
+                return None
+            found = [e for e in _api().get_paths_info(u.id, [u.path_in_repo], repo_type=u.type,
+                                                      revision=u.revision)
+                     if hasattr(e, "blob_id")]
+            return ObjectInfo(found[0].size, found[0].blob_id) if found else None
+
+    def exists(self, key: str) -> bool:
+        u = _parse(key)
+        with _errors(key):
+            if not u.path_in_repo:
+                return bool(_api().repo_exists(u.id, repo_type=u.type))
+            return bool(_api().file_exists(u.id, u.path_in_repo, repo_type=u.type,
+                                           revision=u.revision))
+
+    def read_bytes(self, key: str) -> bytes:
+        with tempfile.TemporaryDirectory(prefix="sft-job-hf-") as tmp:
+            return self.get_file(key, Path(tmp) / "blob").read_bytes()
+
+    # ----------------------------------------------------------------- writes
+
+    def put_file(self, src: Path, key: str) -> None:
+        u = _parse(key)
+        if not u.path_in_repo:
+            raise SpecError(f"hf://{key}: name a file path inside the repository")
+        with tempfile.TemporaryDirectory(prefix="sft-job-hf-") as tmp:
+            shutil.copyfile(src, Path(tmp) / Path(u.path_in_repo).name)
+            parent = u.path_in_repo.rpartition("/")[0]
+            self._upload(u, Path(tmp), parent, f"Upload {u.path_in_repo}")
+
+    def put_dir(self, src: Path, prefix: str, commit: bool = True) -> None:
+        del commit  # a Hub commit is atomic: no marker needed
+        u = _parse(prefix)
+        self._upload(u, src, u.path_in_repo, f"Upload {u.path_in_repo or 'folder'}")
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with tempfile.TemporaryDirectory(prefix="sft-job-hf-") as tmp:
+            p = Path(tmp) / "blob"
+            p.write_bytes(data)
+            self.put_file(p, key)
+
+    def delete_prefix(self, prefix: str) -> None:
+        from huggingface_hub import CommitOperationDelete
+
+        u = _parse(prefix)
+        if not u.path_in_repo:
+            raise ValueError(f"refusing to delete every file of hf://{u.id}")
+        with _errors(prefix):
+            paths = [f"{u.path_in_repo}/{rel}" for rel in self._tree(u, self._sha(u))]
+            if self.exists(prefix):
+                paths.append(u.path_in_repo)
+            if paths:
+                ops = [CommitOperationDelete(path_in_repo=p) for p in paths]
+                call(lambda: _api().create_commit(
+                    u.id, ops, commit_message=f"Delete {u.path_in_repo}", repo_type=u.type,
+                    revision=u.revision), _transient, what=f"hf://{prefix}")
+
+    def probe(self, key: str, write: bool) -> str:
+        """Check the token and access now; returns where the token came from."""
+        from huggingface_hub import get_token
+
+        u = _parse(key)
+        token = get_token()
+        source = "hf:HF_TOKEN" if os.environ.get("HF_TOKEN") else (
+            "hf:token-file" if token else "hf:anonymous")
+        with _errors(key, write=write):
+            if write:
+                _require_token(key)
+                role = _api().whoami().get("auth", {}).get("accessToken", {}).get("role")
+                if role == "read":
+                    raise AccessError(f"hf://{key}: HF_TOKEN is a read-only token; use one "
+                                      "with write access")
+            else:
+                self._sha(u)
+                if u.path_in_repo and not self._tree(u, None) and not self.exists(key):
+                    raise AccessError(f"hf://{key}: no such file or folder in the repository")
+        return source
+
+    # --------------------------------------------------------------- helpers
+
+    def _sha(self, u: Any) -> str:
+        """The commit the revision points at, so a listing and its download agree."""
+        info = _api().repo_info(u.id, repo_type=u.type, revision=u.revision)
+        return str(info.sha)
+
+    def _tree(self, u: Any, sha: str | None, file: bool = False) -> dict[str, Any]:
+        """Files under u.path_in_repo, by path relative to it (file=True: the file itself)."""
+        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.hf_api import RepoFile
+
+        api = _api()
+        path = u.path_in_repo
+        if file:
+            found = [e for e in api.get_paths_info(u.id, [path], repo_type=u.type, revision=sha)
+                     if isinstance(e, RepoFile)]
+            if not found:
+                raise AccessError(f"hf://{u.id}/{path}: no such file in the repository")
+            return {path: found[0]}
+        try:
+            entries = api.list_repo_tree(u.id, path_in_repo=path or None, recursive=True,
+                                         repo_type=u.type, revision=sha)
+            files = [e for e in entries if isinstance(e, RepoFile)]
+        except EntryNotFoundError:
+            return {}
+        cut = len(path) + 1 if path else 0
+        return {e.path[cut:]: e for e in files if not path or e.path.startswith(path + "/")}
+
+    def _download(self, u: Any, sha: str, targets: dict[Path, Any], root: Path) -> None:
+        """Download each entry to its target path via a temp folder inside `root`."""
+        from huggingface_hub import snapshot_download
+
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=root))
+        attempts = [0]
+        try:
+            def transfer(batch: list[Path]) -> None:
+                attempts[0] += 1  # a retry must not trust the local_dir metadata
+                snapshot_download(u.id, repo_type=u.type, revision=sha, local_dir=tmp,
+                                  allow_patterns=[targets[t].path for t in batch],
+                                  force_download=attempts[0] > 1, endpoint=_endpoint())
+
+            def verify(target: Path) -> None:
+                e = targets[target]
+                _verify(tmp / e.path, e, f"hf://{u.id}/{e.path}")
+
+            transfer_verified(list(targets), transfer, verify,
+                              lambda t: f"hf://{u.id}/{targets[t].path}")
+            for target, e in targets.items():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / e.path, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _upload(self, u: Any, src: Path, path_in_repo: str, message: str,
+                private: bool = True) -> str:
+        files = dict(local_files(src))
+        key = f"{u.type}s/{u.id}" if u.type != "model" else u.id
+        with _errors(key, write=True):
+            _require_token(key)
+            call(lambda: _api().create_repo(u.id, repo_type=u.type, private=private,
+                                            exist_ok=True), _transient, what=f"hf://{key}")
+            commit: list[Any] = []
+
+            def transfer(batch: list[str]) -> None:
+                commit.append(call(lambda: _api().upload_folder(
+                    repo_id=u.id, folder_path=src, path_in_repo=path_in_repo or None,
+                    repo_type=u.type, revision=u.revision, commit_message=message,
+                    allow_patterns=batch, ignore_patterns=[COMMIT_MARKER]),
+                    _transient, what=f"hf://{key}"))
+
+            def verify(rel: str) -> None:
+                full = f"{path_in_repo}/{rel}" if path_in_repo else rel
+                found = _api().get_paths_info(u.id, [full], repo_type=u.type,
+                                              revision=commit[-1].oid)
+                if not found or not hasattr(found[0], "blob_id"):
+                    raise ChecksumError(f"hf://{u.id}/{full}: missing after the upload")
+                _verify(files[rel], found[0], f"hf://{u.id}/{full}")
+
+            transfer_verified(sorted(files), transfer, verify, lambda rel: f"hf://{u.id}/{rel}")
+            return str(commit[-1].commit_url)
+
+
+def push_folder(local_dir: Path, repo_id: str, private: bool = True,
+                commit_message: str = "Upload with sft-job", repo_type: str = "model") -> str:
+    """Create `repo_id` on the Hub if needed (private by default) and commit `local_dir` to it
+    with the token from HF_TOKEN; every file is verified after the commit. Returns the commit
+    URL. An existing repo keeps its visibility."""
+    prefix = "" if repo_type == "model" else f"{repo_type}s/"
+    u = _parse(f"{prefix}{repo_id}")
+    return HubStore()._upload(u, Path(local_dir), "", commit_message, private=private)
+
+
+def _verify(path: Path, entry: Any, uri: str) -> None:
+    if not path.is_file():
+        raise ChecksumError(f"{uri}: missing after the transfer")
+    if path.stat().st_size != entry.size and not entry.lfs:
+        raise ChecksumError(f"{uri}: {entry.size} bytes on the Hub, {path.stat().st_size} locally")
+    if entry.lfs:
+        local, remote = sha256_hex(path), entry.lfs.sha256
+    else:
+        local, remote = git_blob_sha1(path), entry.blob_id
+    if local != remote:
+        raise ChecksumError(f"{uri}: checksum {remote} on the Hub, {local} locally")
+
+
+def _parse(key: str) -> Any:
+    from huggingface_hub.errors import HfUriError
+    from huggingface_hub.utils import parse_hf_uri
+
+    try:
+        return parse_hf_uri(f"hf://{key}")
+    except HfUriError as err:
+        raise SpecError(f"hf://{key}: not a Hub URI (hf://org/name[/path] or "
+                        f"hf://datasets/org/name[/path]): {err}") from None
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def _api() -> Any:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=_endpoint())
+
+
+def _require_token(key: str) -> None:
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise AccessError(f"hf://{key}: pushing to the Hub needs a token; set HF_TOKEN "
+                          "(a write token, e.g. from a Kubernetes Secret)")
+
+
+def _transient(err: BaseException) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(err, HfHubHTTPError):
+        status = err.response.status_code if err.response is not None else 0
+        return status == 429 or status >= 500
+    return _is_connection_error(err)
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    import httpx2
+
+    return isinstance(err, (httpx2.TransportError, ConnectionError, TimeoutError)) and \
+        not _offline(err)
+
+
+def _offline(err: BaseException) -> bool:
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    return isinstance(err, OfflineModeIsEnabled) or isinstance(err.__cause__, OfflineModeIsEnabled)
+
+
+@contextlib.contextmanager
+def _errors(key: str, write: bool = False) -> Iterator[None]:
+    """Turn huggingface_hub errors into AccessError (exit 3) or TransientError (exit 75)."""
+    try:
+        yield
+    except SftJobError:
+        raise
+    except Exception as err:
+        mapped = map_error(err, f"hf://{key}", write)
+        if mapped is None:
+            raise
+        raise mapped from err
+
+
+def map_error(err: BaseException, uri: str, write: bool = False) -> SftJobError | None:
+    """The user-facing error for a huggingface_hub failure, or None (a bug)."""
+    from huggingface_hub import errors as he
+
+    need = "write" if write else "read"
+    if _offline(err):
+        return AccessError(f"{uri}: HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset "
+                           "it to download or push")
+    if isinstance(err, he.GatedRepoError):
+        return AccessError(f"{uri}: gated repository; accept its terms on the Hub with the "
+                           "account whose token is in HF_TOKEN")
+    if isinstance(err, he.RepositoryNotFoundError):
+        return AccessError(f"{uri}: repository not found, or private and HF_TOKEN gives no "
+                           "access to it")
+    if isinstance(err, he.RevisionNotFoundError):
+        return AccessError(f"{uri}: revision not found in the repository")
+    if isinstance(err, he.EntryNotFoundError):
+        return AccessError(f"{uri}: no such file in the repository")
+    if isinstance(err, he.HfHubHTTPError):
+        status = err.response.status_code if err.response is not None else 0
+        if status in (401, 403):
+            return AccessError(f"{uri}: the Hub denied access ({status}); set HF_TOKEN to a "
+                               f"token with {need} access to the repository")
+        if status == 429 or status >= 500:
+            return TransientError(f"{uri}: the Hub still fails after {max_attempts()} attempts "
+                                  f"({status}); rerun the job later")
+        return AccessError(f"{uri}: the Hub refused the request ({status})")
+    if _is_connection_error(err):
+        return TransientError(f"{uri}: cannot reach the Hub ({type(err).__name__}); check "
+                              "HF_ENDPOINT or rerun the job later")
+    return None

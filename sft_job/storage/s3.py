@@ -1,0 +1,361 @@
+"""S3 and S3-compatible stores through boto3: parallel multipart transfers, verified by ETag.
+
+Credentials come from boto3's default chain (env, profile, IRSA / Pod Identity, instance
+role). A custom endpoint comes from `output.s3_endpoint_url` (see `storage.configure`) or
+AWS_ENDPOINT_URL_S3, which boto3 reads itself. botocore retries throttling, 5xx and dropped
+connections (`standard` mode, AWS_MAX_ATTEMPTS attempts, default 8); every request also
+carries a CRC32 checksum that S3 checks. After each transfer the file's MD5 (or multipart
+MD5-of-MD5s) is compared with the ETag, and a mismatch is transferred again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sft_job.errors import AccessError, SftJobError, TransientError
+from sft_job.storage.base import (
+    COMMIT_MARKER,
+    SETTINGS,
+    ObjectInfo,
+    key_join,
+    local_files,
+    manifest,
+    safe_dest,
+)
+from sft_job.storage.checksum import ChecksumError, s3_etag
+from sft_job.storage.progress import Progress
+from sft_job.storage.retry import VERIFY_ATTEMPTS, max_attempts, transfer_verified
+
+MULTIPART_THRESHOLD = 8 << 20
+MULTIPART_CHUNK = 16 << 20
+MAX_CONCURRENCY = 10
+
+_ENV_KEYS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",
+             "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+             "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_ROLE_ARN",
+             "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+_DENIED = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidAccessKeyId",
+           "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
+           "Forbidden", "403", "401", "InvalidObjectState"}
+_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+              "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
+              "500", "502", "503", "504", "BadDigest"}
+
+
+class S3Store:
+    """One S3 bucket. Keys are '/'-separated; a prefix names the 'folder' `prefix/`."""
+
+    def __init__(self, bucket: str, endpoint_url: str | None = None) -> None:
+        self.bucket = bucket
+        self.session, self.client = _client(endpoint_url or SETTINGS.s3_endpoint_url)
+
+    # ------------------------------------------------------------------ reads
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        with self._errors(key):
+            head = self._head(key)
+            if head is None:
+                raise AccessError(f"{self._uri(key)}: no such object")
+            items = [(dest, key, head["ContentLength"], head["ETag"])]
+            self._download(items, f"download {self._uri(key)}")
+        return dest
+
+    def get_prefix(self, prefix: str, dest: Path) -> Path:
+        with self._errors(prefix):
+            objs = self._list(prefix)
+            if not objs:
+                raise AccessError(f"{self._uri(prefix)}: no objects under this prefix")
+            items = [(safe_dest(dest, rel, self._uri(prefix)), o["Key"], o["Size"], o["ETag"])
+                     for rel, o in objs.items()]
+            self._download(items, f"download {self._uri(prefix)}")
+        return dest
+
+    def list(self, prefix: str) -> list[str]:
+        with self._errors(prefix):
+            return sorted(self._list(prefix))
+
+    def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
+        with self._errors(prefix):
+            return {rel: ObjectInfo(o["Size"], o["ETag"].strip('"'))
+                    for rel, o in sorted(self._list(prefix).items())}
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        with self._errors(key):
+            head = self._head(key)
+            return None if head is None else ObjectInfo(head["ContentLength"],
+                                                        head["ETag"].strip('"'))
+
+    def exists(self, key: str) -> bool:
+        if not key:
+            with self._errors(key):
+                self.client.head_bucket(Bucket=self.bucket)
+                return True
+        return self.stat(key) is not None
+
+    def read_bytes(self, key: str) -> bytes:
+        with self._errors(key):
+            for _ in range(VERIFY_ATTEMPTS):
+                resp = self.client.get_object(Bucket=self.bucket, Key=key)
+                data = resp["Body"].read()
+                if _bytes_match(data, resp):
+                    return data
+            raise ChecksumError(f"{self._uri(key)}: downloaded bytes do not match the ETag "
+                                f"after {VERIFY_ATTEMPTS} tries")
+
+    # ----------------------------------------------------------------- writes
+
+    def put_file(self, src: Path, key: str) -> None:
+        if not src.is_file():
+            raise AccessError(f"{src}: no such local file to upload")
+        with self._errors(key):
+            self._upload([(src, key)], f"upload {self._uri(key)}")
+
+    def put_dir(self, src: Path, prefix: str, commit: bool = True) -> None:
+        files = local_files(src)
+        marker = key_join(prefix, COMMIT_MARKER)
+        with self._errors(prefix):
+            if commit:  # a re-upload must not look committed while it is in flux
+                self.client.delete_object(Bucket=self.bucket, Key=marker)
+            self._upload([(p, key_join(prefix, rel)) for rel, p in files],
+                         f"upload {self._uri(prefix)}")
+            if commit:
+                self.client.put_object(Bucket=self.bucket, Key=marker, Body=manifest(files))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._errors(key):
+            for _ in range(VERIFY_ATTEMPTS):
+                resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+                if _bytes_match(data, resp):
+                    return
+            raise ChecksumError(f"{self._uri(key)}: the stored ETag does not match the bytes "
+                                f"sent after {VERIFY_ATTEMPTS} tries")
+
+    def delete_prefix(self, prefix: str) -> None:
+        if not prefix.strip("/"):
+            raise ValueError(f"refusing to delete the whole bucket s3://{self.bucket}")
+        prefix = prefix.strip("/")
+        with self._errors(prefix):
+            # The marker goes first so a half-deleted directory never looks committed.
+            self.client.delete_object(Bucket=self.bucket, Key=key_join(prefix, COMMIT_MARKER))
+            keys = [o["Key"] for o in self._iter_objects(prefix)
+                    if o["Key"] == prefix or o["Key"].startswith(prefix + "/")]
+            for i in range(0, len(keys), 1000):
+                resp = self.client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+                if resp.get("Errors"):
+                    e = resp["Errors"][0]
+                    raise AccessError(f"{self._uri(e['Key'])}: delete failed ({e['Code']}); the "
+                                      f"job's identity needs s3:DeleteObject")
+
+    def probe(self, key: str, write: bool) -> str:
+        """Check credentials and access now; returns the credential source boto3 used."""
+        with self._errors(key):
+            creds = self.session.get_credentials()
+            if creds is None:
+                from botocore.exceptions import NoCredentialsError
+
+                raise NoCredentialsError()
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
+            if write:
+                probe = key_join(key, f".sft-job-probe-{uuid.uuid4().hex}")
+                self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"")
+                self.client.delete_object(Bucket=self.bucket, Key=probe)
+            elif key and self._head(key) is None and not self._list(key, limit=1):
+                raise AccessError(f"{self._uri(key)}: no such object or prefix")
+            return f"aws:{creds.method}"
+
+    # --------------------------------------------------------------- helpers
+
+    def _uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}".rstrip("/")
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                self.client.head_bucket(Bucket=self.bucket)  # 404 on a missing bucket too
+                return None
+            raise
+
+    def _iter_objects(self, prefix: str) -> Iterator[dict[str, Any]]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix)
+        for page in pages:
+            yield from page.get("Contents", [])
+
+    def _list(self, prefix: str, limit: int | None = None) -> dict[str, dict[str, Any]]:
+        """Objects under `prefix/`, by key relative to it (folder placeholders skipped)."""
+        p = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        out: dict[str, dict[str, Any]] = {}
+        for o in self._iter_objects(p):
+            if not o["Key"].endswith("/"):
+                out[o["Key"][len(p):]] = o
+                if limit and len(out) >= limit:
+                    break
+        return out
+
+    def _manager(self) -> Any:
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+
+        cfg = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
+                             multipart_chunksize=MULTIPART_CHUNK, max_concurrency=MAX_CONCURRENCY,
+                             preferred_transfer_client="classic")
+        return create_transfer_manager(self.client, cfg)
+
+    def _upload(self, pairs: list[tuple[Path, str]], desc: str) -> None:
+        total = sum(p.stat().st_size for p, _ in pairs)
+        with Progress(total, desc) as progress:
+            def transfer(batch: list[tuple[Path, str]]) -> None:
+                with self._manager() as tm:
+                    futures = [tm.upload(str(p), self.bucket, k, subscribers=[_Sub(progress)])
+                               for p, k in batch]
+                    for f in futures:
+                        f.result()
+
+            transfer_verified(pairs, transfer, lambda pk: self._verify(pk[0], pk[1]),
+                              lambda pk: self._uri(pk[1]))
+
+    def _download(self, items: list[tuple[Path, str, int, str]], desc: str) -> None:
+        with Progress(sum(i[2] for i in items), desc) as progress:
+            def transfer(batch: list[tuple[Path, str, int, str]]) -> None:
+                for dest, *_ in batch:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                with self._manager() as tm:
+                    futures = [tm.download(self.bucket, key, str(dest),
+                                           subscribers=[_Sub(progress)])
+                               for dest, key, _, _ in batch]
+                    for f in futures:
+                        f.result()
+
+            transfer_verified(
+                items, transfer,
+                lambda i: self._verify(i[0], i[1], {"ContentLength": i[2], "ETag": i[3]}),
+                lambda i: self._uri(i[1]))
+
+    def _verify(self, path: Path, key: str, head: dict[str, Any] | None = None) -> None:
+        """Raise ChecksumError unless the local file matches the object's size and ETag."""
+        head = head or self.client.head_object(Bucket=self.bucket, Key=key)
+        size = path.stat().st_size
+        if head["ContentLength"] != size:
+            raise ChecksumError(f"{self._uri(key)}: {head['ContentLength']} bytes in S3, "
+                                f"{size} locally")
+        if _etag_not_md5(head):
+            return  # SSE-KMS / SSE-C: the ETag is no MD5; per-request CRC32s still apply
+        etag = head["ETag"].strip('"')
+        part = None
+        if "-" in etag:  # multipart: the part size is whatever the uploader used
+            part = self.client.head_object(Bucket=self.bucket, Key=key,
+                                           PartNumber=1)["ContentLength"]
+        local = s3_etag(path, part)
+        if local != etag:
+            raise ChecksumError(f"{self._uri(key)}: ETag {etag} in S3, {local} locally")
+
+    @contextlib.contextmanager
+    def _errors(self, key: str) -> Iterator[None]:
+        """Turn boto errors into AccessError (exit 3) or TransientError (exit 75)."""
+        try:
+            yield
+        except SftJobError:
+            raise
+        except Exception as err:
+            mapped = map_error(err, self._uri(key), self.bucket)
+            if mapped is None:
+                raise
+            raise mapped from err
+
+
+class _Sub:
+    """s3transfer subscriber feeding a Progress."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def on_progress(self, future: Any, bytes_transferred: int, **kwargs: Any) -> None:
+        self.progress.update(bytes_transferred)
+
+    def on_queued(self, future: Any, **kwargs: Any) -> None: ...
+    def on_done(self, future: Any, **kwargs: Any) -> None: ...
+
+
+def _etag_not_md5(head: dict[str, Any]) -> bool:
+    return str(head.get("ServerSideEncryption", "")).startswith("aws:kms") or bool(
+        head.get("SSECustomerAlgorithm"))
+
+
+def _bytes_match(data: bytes, resp: dict[str, Any]) -> bool:
+    etag = resp.get("ETag", "").strip('"')
+    if _etag_not_md5(resp) or "-" in etag or not etag:
+        return True
+    return hashlib.md5(data, usedforsecurity=False).hexdigest() == etag
+
+
+def map_error(err: BaseException, uri: str, bucket: str) -> SftJobError | None:
+    """The user-facing error for a boto3/botocore/s3transfer failure, or None (a bug)."""
+    from botocore import exceptions as bx
+    from s3transfer.exceptions import RetriesExceededError
+
+    if isinstance(err, (bx.NoCredentialsError, bx.PartialCredentialsError,
+                        bx.CredentialRetrievalError, bx.TokenRetrievalError, bx.SSOError,
+                        bx.ProfileNotFound, bx.NoAuthTokenError)):
+        return AccessError(
+            f"{uri}: no usable AWS credentials ({type(err).__name__}); give the job an IAM role "
+            "(IRSA, EKS Pod Identity, instance profile) or set AWS_PROFILE or "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    if isinstance(err, bx.ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code == "NoSuchBucket" or (status == 404 and err.operation_name == "HeadBucket"):
+            return AccessError(f"{uri}: bucket '{bucket}' does not exist; create it or fix "
+                               "the URI (and the endpoint/region)")
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            return AccessError(f"{uri}: no such object")
+        if code in _DENIED or status in (401, 403):
+            return AccessError(
+                f"{uri}: access denied ({code or status}); grant the job's identity "
+                f"s3:ListBucket, s3:GetObject, s3:PutObject and s3:DeleteObject on '{bucket}'")
+        if code in _TRANSIENT or status >= 500 or status == 429:
+            return TransientError(f"{uri}: S3 still failing after {max_attempts()} attempts "
+                                  f"({code or status}); rerun the job later")
+        return AccessError(f"{uri}: S3 refused the request ({code or status})")
+    if isinstance(err, (bx.HTTPClientError, bx.ConnectionError, bx.IncompleteReadError,
+                        RetriesExceededError, ConnectionError, TimeoutError)):
+        return TransientError(f"{uri}: cannot reach S3 after {max_attempts()} attempts "
+                              f"({type(err).__name__}); check the endpoint or rerun the job later")
+    if isinstance(err, bx.FlexibleChecksumError):
+        return ChecksumError(f"{uri}: downloaded bytes fail their CRC checksum")
+    return None
+
+
+def _client(endpoint_url: str | None) -> tuple[Any, Any]:
+    """A (session, client) pair, cached per endpoint and credential-related environment."""
+    return _cached_client(endpoint_url, tuple(os.environ.get(k) for k in _ENV_KEYS))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_client(endpoint_url: str | None, _env: tuple[str | None, ...]) -> tuple[Any, Any]:
+    import boto3
+    from botocore.config import Config
+
+    custom = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL")
+    config = Config(
+        retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                 "max_attempts": max_attempts()},
+        max_pool_connections=MAX_CONCURRENCY * 2,
+        connect_timeout=10,
+        read_timeout=120,
+        # S3-compatible stores (MinIO, moto, R2) rarely do virtual-hosted buckets.
+        s3={"addressing_style": "path"} if custom else None,
+    )
+    session = boto3.session.Session()
+    return session, session.client("s3", endpoint_url=endpoint_url, config=config)
