@@ -7,27 +7,45 @@ module implementing `Store` (see base.py). A directory is *committed* when its m
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from sft_job.storage.base import COMMIT_MARKER, Store, join, split_uri
+from sft_job.errors import AccessError
+from sft_job.storage.base import COMMIT_MARKER, SETTINGS, ObjectInfo, Store, join, split_uri
+from sft_job.storage.checksum import ChecksumError
 
 __all__ = [
     "COMMIT_MARKER",
+    "ChecksumError",
+    "ObjectInfo",
     "Store",
+    "committed_dirs",
+    "configure",
     "delete_prefix",
     "exists",
+    "fetch",
     "get",
     "get_dir",
     "is_committed",
     "join",
+    "latest_committed",
+    "list_info",
     "list_keys",
     "open_store",
+    "probe",
     "put_dir",
     "put_file",
     "read_text",
     "split_uri",
+    "stat",
     "write_text",
 ]
+
+
+def configure(s3_endpoint_url: str | None = None) -> None:
+    """Process-wide settings from the spec: `output.s3_endpoint_url` (else boto3 uses
+    AWS_ENDPOINT_URL_S3 or AWS itself)."""
+    SETTINGS.s3_endpoint_url = s3_endpoint_url
 
 
 def open_store(uri: str) -> tuple[Store, str]:
@@ -109,3 +127,51 @@ def write_text(uri: str, text: str) -> None:
     """Write a small UTF-8 object."""
     store, key = open_store(uri)
     store.write_bytes(key, text.encode("utf-8"))
+
+
+def stat(uri: str) -> ObjectInfo | None:
+    """Size and content tag of the object `uri`, or None if it does not exist."""
+    store, key = open_store(uri)
+    return store.stat(key)
+
+
+def list_info(uri: str) -> dict[str, ObjectInfo]:
+    """Objects under the prefix `uri` with size and content tag, by key relative to it."""
+    store, key = open_store(uri)
+    return store.list_info(key)
+
+
+def probe(uri: str, write: bool = False) -> str:
+    """Check now that `uri` can be read (it exists) or written; raises AccessError (exit 3) or
+    TransientError (exit 75). Returns the credential source used, e.g. 'aws:iam-role',
+    'google:compute_engine.Credentials', 'hf:HF_TOKEN', 'local' (never the secret itself)."""
+    store, key = open_store(uri)
+    return store.probe(key, write)
+
+
+def fetch(uri: str, dest: Path) -> Path:
+    """Download `uri` to `dest`: an object to the file `dest`, a prefix into the folder `dest`."""
+    store, key = open_store(uri)
+    if store.list(key):
+        return store.get_prefix(key, Path(dest))
+    if store.exists(key):
+        return store.get_file(key, Path(dest))
+    raise AccessError(f"{uri}: no such object or prefix")
+
+
+def committed_dirs(uri: str, pattern: str = r"step-\d+") -> list[str]:
+    """URIs of the directories directly under `uri` whose name matches `pattern` and that hold
+    a commit marker, newest (highest number in the name, then name) first. Directories without
+    the marker (an upload cut short, a delete half done) are left out."""
+    rx = re.compile(pattern)
+    names = [k[: -len(COMMIT_MARKER) - 1] for k in list_keys(uri)
+             if k.endswith("/" + COMMIT_MARKER) and k.count("/") == 1]
+    names = [n for n in names if rx.fullmatch(n)]
+    names.sort(key=lambda n: ([int(d) for d in re.findall(r"\d+", n)], n), reverse=True)
+    return [join(uri, n) for n in names]
+
+
+def latest_committed(uri: str, pattern: str = r"step-\d+") -> str | None:
+    """The newest committed directory under `uri` (see committed_dirs), or None."""
+    dirs = committed_dirs(uri, pattern)
+    return dirs[0] if dirs else None

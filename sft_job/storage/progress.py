@@ -1,6 +1,7 @@
 """Byte progress bars (tqdm on stderr) for transfers above a few MB; quiet below.
 
-Set TQDM_DISABLE=1 to silence them. Off a terminal (pod logs) the bar refreshes every 15 s.
+Set TQDM_DISABLE=1 to silence them. Off a terminal (pod logs) the bar is written as a plain
+line every 15 s and once at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class Progress:
             tty = sys.stderr.isatty()
             self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
                              unit_divisor=1024, mininterval=0.5 if tty else 15.0,
-                             leave=tty, file=sys.stderr, dynamic_ncols=True)
+                             file=sys.stderr if tty else _Lines(), dynamic_ncols=tty,
+                             ncols=None if tty else 110)
 
     def update(self, n: int) -> None:
         """Count `n` more bytes (negative when a client rewinds for a retry)."""
@@ -41,6 +43,18 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Lines:
+    """A stderr for tqdm off a terminal: each refresh becomes one log line, not a '\\r'."""
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").strip()
+        if s:
+            sys.stderr.write(s + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 class ProgressReader:

@@ -1,0 +1,67 @@
+"""A local cache of models kept in buckets or on the Hub, so each is downloaded once.
+
+`fetch_model("s3://b/models/x")` lists the prefix, hashes the URI with every object's key,
+size and ETag (GCS generation+CRC32C, Hub blob id), and downloads into
+`$SFT_JOB_CACHE/models/<hash>/` through a temp folder renamed into place, so a reader never
+sees a half-downloaded model and a changed model gets a new entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from sft_job import storage
+from sft_job.errors import AccessError
+from sft_job.storage.base import COMMIT_MARKER, is_remote
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """`$SFT_JOB_CACHE`, default ~/.cache/sft-job."""
+    return Path(os.environ.get("SFT_JOB_CACHE", Path.home() / ".cache" / "sft-job"))
+
+
+def fetch_model(uri: str) -> Path:
+    """A local folder holding the model stored under `uri` (s3://, gs://, hf://, or a local
+    folder, returned as is), downloaded only if this exact content is not cached yet."""
+    if not is_remote(uri):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.is_dir():
+            raise AccessError(f"{uri}: no such model folder")
+        return path
+    info = {k: v for k, v in storage.list_info(uri).items() if k != COMMIT_MARKER}
+    if not info:
+        raise AccessError(f"{uri}: no model files under this prefix")
+    h = hashlib.sha256(uri.rstrip("/").encode())
+    for rel, o in sorted(info.items()):
+        h.update(f"\n{rel}\t{o.size}\t{o.etag}".encode())
+    root = cache_root() / "models"
+    final = root / h.hexdigest()[:32]
+    if final.is_dir():
+        log.info("model %s: using the cached copy in %s", uri, final)
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        storage.get_dir(uri, tmp)
+        (tmp / COMMIT_MARKER).unlink(missing_ok=True)
+        missing = sorted(set(info) - {p.relative_to(tmp).as_posix()
+                                      for p in tmp.rglob("*") if p.is_file()})
+        if missing:
+            raise AccessError(f"{uri}: changed while downloading ({missing[0]} is gone); rerun")
+        try:
+            os.rename(tmp, final)  # atomic; fails if a concurrent fetch won the race
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    (root / f"{final.name}.uri").write_text(uri + "\n")
+    log.info("model %s: downloaded into %s", uri, final)
+    return final
