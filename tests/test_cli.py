@@ -1,0 +1,92 @@
+"""The CLI surface: every command's --help, --version, `python -m sft_job`, schema, and the
+error boundary (one line, documented exit code, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sft_job.cli import app
+from tests.conftest import REPO, run_cli
+
+runner = CliRunner()
+COMMANDS = ["run", "validate", "merge", "generate", "schema"]
+
+
+@pytest.mark.parametrize("cmd", [*COMMANDS, "data"])
+def test_help(cmd: str) -> None:
+    res = runner.invoke(app, [cmd, "--help"])
+    assert res.exit_code == 0, res.output
+    assert "Usage" in res.output
+
+
+def test_version_and_module_entrypoint() -> None:
+    from sft_job import __version__
+
+    res = subprocess.run([sys.executable, "-m", "sft_job", "--version"], capture_output=True,
+                         text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == f"sft-job {__version__}"
+
+
+def test_help_is_fast_and_imports_nothing_heavy() -> None:
+    code = ("import sys, sft_job.cli\n"
+            "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'datasets', 'boto3') "
+            "if m in sys.modules]\n"
+            "print(heavy)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "[]", res.stdout
+
+
+def test_schema_is_json_schema_of_the_spec() -> None:
+    res = runner.invoke(app, ["schema"])
+    schema = json.loads(res.output)
+    assert set(schema["required"]) == {"name", "model", "data", "output"}
+    assert "trainer" in schema["properties"] and "$defs" in schema
+
+
+BAD_SPECS = [
+    ("name: x\nmodel: {base: builtin:tiny-llama}\ndata: {train: a.jsonl, bogus: 1}\n"
+     "output: {uri: /tmp/x}\n", "data.bogus: unknown key"),
+    ("name: x\nmodel: {base: builtin:tiny-llama}\ndata: {train: a.jsonl}\n"
+     "train: {learning_rate: -1}\noutput: {uri: /tmp/x}\n", "train.learning_rate"),
+    ("name: x\nmodel: {base: builtin:tiny-llama}\ndata: {train: a.jsonl}\n"
+     "method: {kind: qlora}\nbackend: tpu\noutput: {uri: /tmp/x}\n", "qlora"),
+    ("name: x\nmodel: {base: builtin:tiny-llama}\ndata: {train: a.jsonl}\n"
+     "output: {uri: '${SFT_TEST_UNSET_VAR}'}\n", "SFT_TEST_UNSET_VAR"),
+    ("name: x\nmodel: [unclosed\n", "invalid YAML"),
+]
+
+
+@pytest.mark.parametrize(("text", "needle"), BAD_SPECS)
+def test_bad_spec_is_one_line_exit_2(text: str, needle: str, tmp_path: Path, sft_cache: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(text)
+    res = run_cli(["run", str(spec)], sft_cache)
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr
+    assert "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert str(spec) in res.stderr
+
+
+def test_output_uri_that_is_a_file_is_exit_3(tmp_path: Path, sft_cache: Path) -> None:
+    f = tmp_path / "out.txt"
+    f.write_text("keep me")
+    res = run_cli(["run", "jobs/smoke-cpu.yaml", "--set", f"output.uri={f}"], sft_cache)
+    assert res.returncode == 3, res.stderr
+    assert "is a file" in res.stderr and "Traceback" not in res.stderr
+    assert f.read_text() == "keep me"
+
+
+def test_set_override_reaches_the_spec(tmp_path: Path) -> None:
+    from sft_job.spec import load_spec
+
+    spec = load_spec(str(REPO / "jobs/smoke-cpu.yaml"), ["train.epochs=1", "data.packing=false",
+                                                          f"output.uri={tmp_path}"])
+    assert spec.train.epochs == 1 and spec.data.packing is False
+    assert spec.output.uri == str(tmp_path)
