@@ -31,7 +31,8 @@ def _files(root: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(sft_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def smoke_run(sft_cache: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = tmp_path_factory.mktemp("smoke") / "out"
     res = run_cli(["run", "jobs/smoke-cpu.yaml", "--set", f"output.uri={out}"], sft_cache)
     return out, res
