@@ -25,15 +25,15 @@ venv: $(BIN)/sft-job ## Create .venv with the CPU stack (torch 2.13.0 CPU build)
 smoke: venv ## Train the builtin tiny model on bundled data into ./out/smoke
 	$(BIN)/sft-job run jobs/smoke-cpu.yaml
 
-test: venv ## Run the whole test suite (what CI runs)
+test: venv tools ## Run the whole test suite (what CI runs)
 	$(BIN)/ruff check sft_job tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv ## Lint code, Dockerfiles, manifests and Terraform
 	$(BIN)/ruff check sft_job tests bench
 
-schema: venv ## Print the JSON schema of a job spec
-	$(BIN)/sft-job schema
+schema: venv ## Regenerate docs/spec.md (the spec field reference) from sft_job/spec.py
+	$(BIN)/sft-job schema --markdown > docs/spec.md
 
 clean: ## Remove outputs (not the venv)
 	rm -rf out .pytest_cache

@@ -112,11 +112,14 @@ def generate(
 
 
 @app.command()
-def schema() -> None:
-    """Print the JSON schema of a job spec."""
-    from sft_job.spec import json_schema
+def schema(
+    markdown: Annotated[bool, typer.Option("--markdown", help="A Markdown field reference.")] = False,
+) -> None:
+    """Print the JSON schema of a job spec (or its Markdown reference, docs/spec.md)."""
+    from sft_job.spec import json_schema, markdown_reference
 
-    typer.echo(json.dumps(json_schema(), indent=2))
+    typer.echo(markdown_reference() if markdown else json.dumps(json_schema(), indent=2), nl=False)
+    typer.echo("")
 
 
 def _add_data_commands() -> None:

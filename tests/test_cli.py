@@ -90,3 +90,11 @@ def test_set_override_reaches_the_spec(tmp_path: Path) -> None:
                                                           f"output.uri={tmp_path}"])
     assert spec.train.epochs == 1 and spec.data.packing is False
     assert spec.output.uri == str(tmp_path)
+
+
+def test_docs_spec_md_is_current() -> None:
+    """docs/spec.md is generated from the pydantic spec; regenerate with `make schema`."""
+    from sft_job.spec import markdown_reference
+
+    assert (REPO / "docs/spec.md").read_text() == markdown_reference() + "\n", \
+        "docs/spec.md is stale: run `make schema`"
