@@ -70,10 +70,7 @@ def estimate(spec: JobSpec) -> dict[str, Any] | None:
     zero = spec.deepspeed if spec.deepspeed in ("zero2", "zero3", "zero3-offload") else "none"
     n = spec.resources.devices
     shard = n if zero.startswith("zero3") else 1
-    if kind == "qlora":
-        weights = linear * 0.5 * 1.03 + (total - linear) * wbytes
-    else:
-        weights = total * wbytes / shard
+    weights = linear * 0.5 * 1.03 + (total - linear) * wbytes if kind == "qlora" else total * wbytes / shard
     trainable = total if kind == "full" else lora
     if zero != "none":  # fp32 master + 2 Adam moments + grads, partitioned over the ranks
         grads = trainable * wbytes / n

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from sft_job import storage
-from sft_job.errors import ModelError
+from sft_job.checkpoint import preempt
+from sft_job.checkpoint import sync as ckpt
+from sft_job.errors import ModelError, Preempted
 from sft_job.spec import JobSpec, dump_spec
 
 log = logging.getLogger("sft_job")
@@ -75,6 +78,8 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
     probe_output(out_uri)  # a wrong bucket fails now, not after training
     work = workdir_for(spec)
     stage = work / "out"
+    for stale in (stage, work / "trainer", work / "ckpt-staging", work / "resume"):
+        shutil.rmtree(stale, ignore_errors=True)  # a reused machine's leftovers are not ours
     stage.mkdir(parents=True, exist_ok=True)
     (stage / "job.yaml").write_text(dump_spec(spec))
     storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
@@ -107,12 +112,27 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
 
     metrics_path = stage / "metrics" / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
+    run_state = ckpt.run_state(spec, bundle.files)
+    resume = ckpt.find_resume(spec, work, run_state, allow_changed)
+    if resume:
+        ckpt.restore_metrics(resume[0], metrics_path, resume[1])
+    timings.mark("resume_lookup")
+    uploader = ckpt.Uploader(storage.join(out_uri, "checkpoints"), spec.output.keep_checkpoints) \
+        if _is_main() else None
     collator_ref: list[Any] = []
-    trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer",
-                            [metrics_callback(metrics_path, collator_ref)])
-    collator_ref.append(trainer.sft_job_collator)
-    _log_plan(spec, trainer, bundle)
-    train_out = trainer.train()
+    with preempt.watch() as stop:
+        callbacks = [metrics_callback(metrics_path, collator_ref),
+                     ckpt.callback(spec, uploader, stop, run_state, metrics_path,
+                                   work / "ckpt-staging")]
+        trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer", callbacks)
+        collator_ref.append(trainer.sft_job_collator)
+        _log_plan(spec, trainer, bundle)
+        train_out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        if stop.requested:
+            _stop_after_checkpoint(spec, trainer, uploader, stop)
+    if uploader is not None:
+        uploader.wait()  # periodic checkpoints still in flight finish before the final upload
+        uploader.close()
     timings.mark("train")
 
     return _finish(spec, trainer, tokenizer, model_dir, bundle, pairs, before, train_out,
@@ -180,6 +200,23 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     storage.write_text(storage.join(out_uri, SUCCESS), "")  # last: the run is complete
     print(report.end_screen(summary, out_uri), flush=True)
     return summary
+
+
+def _stop_after_checkpoint(spec: JobSpec, trainer: Any, uploader: Any, stop: Any) -> None:
+    """After SIGTERM: wait for the checkpoint's commit within the stop budget, then exit 75."""
+    step = trainer.state.global_step
+    left = max(1.0, spec.output.stop_budget_seconds - stop.seconds_since())
+    ok = uploader.wait(timeout=left) if uploader is not None else True
+    if ok:
+        raise Preempted(f"preempted by {stop.signame} at step {step}: checkpoint "
+                        f"{ckpt.step_name(step)} committed; rerun to resume")
+    raise Preempted(f"preempted by {stop.signame} at step {step}: the checkpoint upload did not "
+                    f"finish within output.stop_budget_seconds={spec.output.stop_budget_seconds}; "
+                    "it is not committed, a rerun resumes from the previous one")
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _save_model(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle: Any,

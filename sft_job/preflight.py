@@ -115,9 +115,9 @@ def _check_spec(spec: JobSpec, rep: Report) -> None:
                     "per-sample position ids, so packed samples could attend to each other; "
                     "set data.packing: false")
     if spec.trainer:
-        from trl import SFTConfig
-
         import dataclasses
+
+        from trl import SFTConfig
 
         names = {f.name for f in dataclasses.fields(SFTConfig)}
         for k in sorted(set(spec.trainer) - names):

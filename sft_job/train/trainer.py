@@ -52,7 +52,9 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path, has_eval: bool
         "logging_first_step": True,
         "eval_strategy": "steps" if (has_eval and t.eval_steps) else "no",
         "eval_steps": t.eval_steps,
-        "save_strategy": "no",
+        "save_strategy": "steps" if spec.output.save_every_steps else "no",
+        "save_steps": spec.output.save_every_steps or 500,
+        "save_total_limit": 2,  # local copies only; the bucket keeps output.keep_checkpoints
         "seed": t.seed,
         "data_seed": t.seed,
         "report_to": "none",
