@@ -1,6 +1,7 @@
 """A fake Hugging Face Hub on loopback: it stands in for the Hub in tests, nothing more.
 
-It answers the few endpoints that huggingface_hub's `create_repo`, `upload_folder`,
+It answers the few endpoints that huggingface_hub's `create_repo`, `upload_folder` (README.md
+metadata included),
 `create_commit`, `repo_info`, `list_repo_tree`, `get_paths_info`, `whoami`, `file_exists`,
 `hf_hub_download` and `snapshot_download` call, with real HTTP, so the real client code runs
 end to end. It keeps every commit in memory. Not covered: the LFS/Xet large-file path
@@ -244,6 +245,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/repos/create":
             self._create(json.loads(body))
             return
+        if path == "/api/validate-yaml":  # README.md metadata, checked before a commit
+            self._validate_yaml(json.loads(body).get("content", ""))
+            return
         m = re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)/(preupload|commit|paths-info)"
                          r"/(.+)", path)
         if not m:
@@ -292,6 +296,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.commit(repo, [])
             self.hub.repos[(kind, repo_id)] = repo
         self._send(200, {"url": url, "name": repo_id, "id": repo_id})
+
+    def _validate_yaml(self, content: str) -> None:
+        import yaml
+
+        m = re.match(r"^---\n(.*?)\n---", content, re.S)
+        try:
+            meta = yaml.safe_load(m.group(1)) if m else {}
+        except yaml.YAMLError as err:
+            self._send(400, {"errors": [{"message": str(err)}], "warnings": []})
+            return
+        warnings = [] if meta else [{"message": "empty or missing yaml metadata in repo card"}]
+        self._send(200, {"errors": [], "warnings": warnings})
 
     def _info(self, kind: str, repo_id: str, rev: str) -> None:
         repo = self._repo(kind, repo_id)

@@ -42,6 +42,16 @@ _HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transf
         "upgrade", "expect", "content-length"}
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A threaded HTTP server that does not print a traceback when a client hangs up."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
 def free_port() -> int:
     """A TCP port that was free on 127.0.0.1 a moment ago."""
     with socket.socket() as s:
@@ -210,9 +220,10 @@ class FaultProxy:
 
     Faults, decided per request (seeded RNG, so runs repeat): `error_rate` answers 503 SlowDown
     without forwarding, `drop_rate` closes the connection without an answer, `corrupt_rate`
-    flips one byte of a successful GET's body. `fail_next(n, kind)` forces the next n matching
-    requests to fail. Only requests whose "METHOD path" matches `match` (a regex) are touched.
-    Attributes may be changed while it runs; `stats` counts what happened.
+    flips one byte of a successful GET's response body or of a PUT's request body.
+    `fail_next(n, kind)` forces the next n matching requests to fail. Only requests whose
+    "METHOD path" matches `match` (a regex) are touched. Attributes may be changed while it
+    runs; `stats` counts what happened.
     """
 
     upstream: str
@@ -223,13 +234,14 @@ class FaultProxy:
     seed: int = 0
     url: str = ""
     stats: dict[str, int] = field(default_factory=lambda: {
-        "requests": 0, "error": 0, "drop": 0, "corrupt": 0})
+        "requests": 0, "error": 0, "drop": 0, "corrupt": 0, "deny": 0})
     _forced: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _rng: random.Random = field(default_factory=random.Random)
 
     def fail_next(self, n: int, kind: str = "error") -> None:
-        """Make the next `n` matching requests fail with `kind`: error | drop | corrupt."""
+        """Make the next `n` matching requests fail with `kind`: error (503) | drop |
+        corrupt | deny (403 AccessDenied)."""
         with self._lock:
             self._forced.extend([kind] * n)
 
@@ -250,7 +262,7 @@ class FaultProxy:
                         "drop" if r < self.error_rate + self.drop_rate else
                         "corrupt" if r < self.error_rate + self.drop_rate + self.corrupt_rate
                         else None)
-            if kind == "corrupt" and method != "GET":
+            if kind == "corrupt" and method not in ("GET", "PUT"):
                 kind = None
             if kind:
                 self.stats[kind] += 1
@@ -263,8 +275,7 @@ def fault_proxy(upstream: str, **faults: Any) -> Iterator[FaultProxy]:
     proxy = FaultProxy(upstream, **faults)
     proxy._rng.seed(proxy.seed)
     handler = type("Handler", (_ProxyHandler,), {"proxy": proxy})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = _QuietServer(("127.0.0.1", 0), handler)
     proxy.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -299,22 +310,23 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         body = self._read_body()
         fault = self.proxy.decide(self.command, self.path)
+        if fault == "corrupt" and self.command == "PUT" and body:
+            body = _flip(body)
         if fault == "drop":
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
-        if fault == "error":
-            payload = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                       b"<Message>injected by FaultProxy</Message></Error>")
-            self._reply(503, [("Content-Type", "application/xml")], payload, len(payload))
+        if fault in ("error", "deny"):
+            status, code = (503, "SlowDown") if fault == "error" else (403, "AccessDenied")
+            payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                       f"<Message>injected by FaultProxy</Message></Error>").encode()
+            self._reply(status, [("Content-Type", "application/xml")], payload, len(payload))
             return
         status, headers, data, length = _forward(self.proxy.upstream, self.command, self.path,
                                                  self.headers.items(), body)
-        if fault == "corrupt" and data and 200 <= status < 300:
-            bad = bytearray(data)
-            bad[len(bad) // 2] ^= 0xFF
-            data = bytes(bad)
+        if fault == "corrupt" and self.command == "GET" and data and 200 <= status < 300:
+            data = _flip(data)
         self._reply(status, headers, data, length)
 
     def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes,
@@ -329,6 +341,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle
+
+
+def _flip(data: bytes) -> bytes:
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0xFF
+    return bytes(bad)
 
 
 def _forward(upstream: str, method: str, path: str, headers: Iterable[tuple[str, str]],

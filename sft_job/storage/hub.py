@@ -149,7 +149,8 @@ class HubStore:
 
     def _sha(self, u: Any) -> str:
         """The commit the revision points at, so a listing and its download agree."""
-        info = _api().repo_info(u.id, repo_type=u.type, revision=u.revision)
+        info = call(lambda: _api().repo_info(u.id, repo_type=u.type, revision=u.revision),
+                    _transient, what=f"hf://{u.id}")
         return str(info.sha)
 
     def _tree(self, u: Any, sha: str | None, file: bool = False) -> dict[str, Any]:
@@ -166,9 +167,9 @@ class HubStore:
                 raise AccessError(f"hf://{u.id}/{path}: no such file in the repository")
             return {path: found[0]}
         try:
-            entries = api.list_repo_tree(u.id, path_in_repo=path or None, recursive=True,
-                                         repo_type=u.type, revision=sha)
-            files = [e for e in entries if isinstance(e, RepoFile)]
+            files = call(lambda: [e for e in api.list_repo_tree(
+                u.id, path_in_repo=path or None, recursive=True, repo_type=u.type, revision=sha)
+                if isinstance(e, RepoFile)], _transient, what=f"hf://{u.id}/{path}")
         except EntryNotFoundError:
             return {}
         cut = len(path) + 1 if path else 0

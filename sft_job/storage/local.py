@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from sft_job.errors import AccessError
-from sft_job.storage.base import COMMIT_MARKER, ObjectInfo
+from sft_job.storage.base import COMMIT_MARKER, ObjectInfo, local_files, manifest
 
 
 class LocalStore:
@@ -44,17 +44,14 @@ class LocalStore:
         root = Path(prefix)
         if root.exists() and not root.is_dir():
             raise AccessError(f"{prefix}: exists and is a file, not a directory")
-        if src.resolve() == root.resolve():
-            if commit:
-                self.write_bytes(str(root / COMMIT_MARKER), b"")
-            return
-        for f in sorted(p for p in src.rglob("*") if p.is_file()):
-            rel = f.relative_to(src).as_posix()
-            if rel == COMMIT_MARKER:
-                continue
-            self.put_file(f, str(root / rel))
+        files = local_files(src)
+        if commit:  # a re-upload must not look committed while it is in flux
+            (root / COMMIT_MARKER).unlink(missing_ok=True)
+        if src.resolve() != root.resolve():
+            for rel, f in files:
+                self.put_file(f, str(root / rel))
         if commit:
-            self.write_bytes(str(root / COMMIT_MARKER), b"")
+            self.write_bytes(str(root / COMMIT_MARKER), manifest(files))
 
     def list(self, prefix: str) -> list[str]:
         root = Path(prefix)

@@ -26,8 +26,10 @@ VERIFY_ATTEMPTS = 3  # transfers of one file whose checksum mismatched before we
 
 
 def max_attempts() -> int:
-    """Attempts per request for throttling/5xx/connection errors (env AWS_MAX_ATTEMPTS, 8)."""
-    return int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))
+    """Attempts per S3 or Hub request on throttling/5xx/connection errors: env
+    SFT_JOB_STORAGE_MAX_ATTEMPTS, else AWS_MAX_ATTEMPTS, else 8."""
+    return int(os.environ.get("SFT_JOB_STORAGE_MAX_ATTEMPTS")
+               or os.environ.get("AWS_MAX_ATTEMPTS") or "8")
 
 
 def retry_timeout() -> float:

@@ -3,7 +3,8 @@
 Credentials come from boto3's default chain (env, profile, IRSA / Pod Identity, instance
 role). A custom endpoint comes from `output.s3_endpoint_url` (see `storage.configure`) or
 AWS_ENDPOINT_URL_S3, which boto3 reads itself. botocore retries throttling, 5xx and dropped
-connections (`standard` mode, AWS_MAX_ATTEMPTS attempts, default 8); every request also
+connections (`standard` mode with jittered backoff, SFT_JOB_STORAGE_MAX_ATTEMPTS or
+AWS_MAX_ATTEMPTS attempts, default 8); every request also
 carries a CRC32 checksum that S3 checks. After each transfer the file's MD5 (or multipart
 MD5-of-MD5s) is compared with the ETag, and a mismatch is transferred again.
 """
@@ -39,6 +40,7 @@ MAX_CONCURRENCY = 10
 
 _ENV_KEYS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE",
              "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+             "SFT_JOB_STORAGE_MAX_ATTEMPTS",
              "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_ROLE_ARN",
              "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
 _DENIED = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidAccessKeyId",
@@ -100,10 +102,15 @@ class S3Store:
         return self.stat(key) is not None
 
     def read_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import FlexibleChecksumError
+
         with self._errors(key):
             for _ in range(VERIFY_ATTEMPTS):
                 resp = self.client.get_object(Bucket=self.bucket, Key=key)
-                data = resp["Body"].read()
+                try:
+                    data = resp["Body"].read()
+                except FlexibleChecksumError:
+                    continue
                 if _bytes_match(data, resp):
                     return data
             raise ChecksumError(f"{self._uri(key)}: downloaded bytes do not match the ETag "
@@ -226,6 +233,8 @@ class S3Store:
                               lambda pk: self._uri(pk[1]))
 
     def _download(self, items: list[tuple[Path, str, int, str]], desc: str) -> None:
+        from botocore.exceptions import FlexibleChecksumError
+
         with Progress(sum(i[2] for i in items), desc) as progress:
             def transfer(batch: list[tuple[Path, str, int, str]]) -> None:
                 for dest, *_ in batch:
@@ -235,7 +244,9 @@ class S3Store:
                                            subscribers=[_Sub(progress)])
                                for dest, key, _, _ in batch]
                     for f in futures:
-                        f.result()
+                        # botocore's CRC check failed: the file is absent and verify retries it
+                        with contextlib.suppress(FlexibleChecksumError):
+                            f.result()
 
             transfer_verified(
                 items, transfer,
@@ -245,6 +256,8 @@ class S3Store:
     def _verify(self, path: Path, key: str, head: dict[str, Any] | None = None) -> None:
         """Raise ChecksumError unless the local file matches the object's size and ETag."""
         head = head or self.client.head_object(Bucket=self.bucket, Key=key)
+        if not path.is_file():
+            raise ChecksumError(f"{self._uri(key)}: missing after the transfer")
         size = path.stat().st_size
         if head["ContentLength"] != size:
             raise ChecksumError(f"{self._uri(key)}: {head['ContentLength']} bytes in S3, "
