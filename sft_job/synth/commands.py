@@ -1,0 +1,184 @@
+"""`sft-job data synth` and `sft-job data convert`: make training data with a chat model, and
+move data between the formats the job reads.
+
+    sft-job data synth --topics jobs/synth/topics.yaml --n 500 --out s3://b/data/interview.jsonl
+    sft-job data convert data/alpaca.json s3://b/data/alpaca-chat.jsonl --to chat
+
+Only typer and the standard library are imported here; the work (httpx, pydantic, numpy,
+storage clients) is imported inside the commands so `sft-job --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sft_job.errors import SpecError
+
+data_app = typer.Typer(help="Make and convert training data.", no_args_is_help=True,
+                       pretty_exceptions_enable=False, add_completion=False)
+
+FORMATS = ("alpaca", "chat", "prompt-response")
+_FMT_HELP = "Output format: alpaca, chat or prompt-response."
+
+
+def _choice(value: str, choices: tuple[str, ...], flag: str) -> str:
+    if value not in choices:
+        raise SpecError(f"{flag} {value}: choose one of {', '.join(choices)}")
+    return value
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+
+
+def _workdir() -> Path:
+    root = Path(os.environ.get("SFT_JOB_WORKDIR") or Path(tempfile.gettempdir()) / "sft-job")
+    return root
+
+
+def _read_text(uri: str, flag: str) -> str:
+    from sft_job import storage
+    from sft_job.storage.base import is_remote
+
+    if is_remote(uri):
+        return storage.read_text(uri)
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise SpecError(f"{flag} {uri}: no such file")
+    return path.read_text(encoding="utf-8")
+
+
+def _check_base_url(url: str) -> str:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url.strip())
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise SpecError(f"--base-url '{url}': no endpoint; give the server's http(s) URL, e.g. "
+                        "https://api.openai.com/v1 or http://127.0.0.1:8000/v1 (vLLM)")
+    return url.strip()
+
+
+@data_app.command()
+def synth(
+    topics: Annotated[str, typer.Option(help="Topics YAML (path or bucket URI); see "
+                                        "jobs/synth/topics.yaml.")],
+    n: Annotated[int, typer.Option(min=1, help="Rows wanted in the output.")],
+    out: Annotated[str, typer.Option(help="Output file: path, s3://, gs:// or hf:// URI ending "
+                                     "in .jsonl, .json, .parquet or .csv.")],
+    format: Annotated[str, typer.Option("--format", help=_FMT_HELP)] = "alpaca",
+    model: Annotated[str, typer.Option(help="Model name the endpoint serves.")] = "gpt-4o-mini",
+    base_url: Annotated[str, typer.Option(envvar="OPENAI_BASE_URL", help="OpenAI-compatible API "
+                                          "root (…/v1).")] = "https://api.openai.com/v1",
+    key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")
+                       ] = "OPENAI_API_KEY",
+    template: Annotated[str | None, typer.Option(help="Prompt template file (path or URI); "
+                                                 "overrides the topics file's.")] = None,
+    system: Annotated[str | None, typer.Option(help="System message; overrides the topics "
+                                               "file's.")] = None,
+    per_request: Annotated[int, typer.Option(min=1, help="Pairs asked for per request.")] = 5,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 4,
+    rpm: Annotated[float, typer.Option(min=0, help="Requests started per minute (0: no "
+                                       "limit; 429s are honoured anyway).")] = 0,
+    temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature.")] = 0.9,
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="max_tokens per answer "
+                                                   "(default: the server's).")] = None,
+    json_mode: Annotated[str, typer.Option(help="Ask for response_format json_object: auto "
+                                           "(drop it if the server refuses), on, off.")] = "auto",
+    max_requests: Annotated[int | None, typer.Option(min=1, help="Requests allowed in all "
+                                                     "(default: 3x those needed).")] = None,
+    max_retries: Annotated[int, typer.Option(min=0, help="Retries per request on 429/5xx/"
+                                             "timeouts.")] = 6,
+    timeout: Annotated[float, typer.Option(min=1, help="Seconds per request.")] = 120,
+    min_chars: Annotated[int, typer.Option(min=1, help="Shortest prompt and response kept.")] = 10,
+    max_chars: Annotated[int, typer.Option(min=1, help="Longest row kept (prompt + input + "
+                                           "response).")] = 8000,
+    near_dup: Annotated[float, typer.Option(min=0.5, max=1.0, help="Prompts this similar "
+                                            "(Jaccard of character 5-grams) are duplicates; 1 "
+                                            "= exact duplicates only.")] = 0.8,
+    checkpoint_seconds: Annotated[float, typer.Option(min=1, help="Upload the journal this "
+                                                      "often (bucket output).")] = 30,
+    stats: Annotated[Path | None, typer.Option(help="Also write the stats as JSON here.")] = None,
+    restart: Annotated[bool, typer.Option(help="Discard an earlier run's journal and start "
+                                          "over.")] = False,
+) -> None:
+    """Generate instruction/response pairs with any OpenAI-compatible chat endpoint.
+
+    The API key comes from $OPENAI_API_KEY (see --key-env). Rerun the same command to
+    continue an interrupted run: finished requests are never asked again."""
+    _setup_logging()
+    _choice(format, FORMATS, "--format")
+    _choice(json_mode, ("auto", "on", "off"), "--json-mode")
+    api_key = os.environ.get(key_env, "").strip()
+    if not api_key:
+        raise SpecError(f"{key_env} is not set: export the endpoint's API key (for a local "
+                        "server without auth, any non-empty value); no data was generated")
+    base_url = _check_base_url(base_url)
+
+    from sft_job.synth.client import ClientSettings
+    from sft_job.synth.run import SynthConfig, stats_json, stats_line, synthesize
+    from sft_job.synth.topics import DEFAULT_TEMPLATE, load_topics
+
+    tf = load_topics(topics)
+    cfg = SynthConfig(
+        out=out, n=n, topics=tf.topic_list(), format=format,
+        template=_read_text(template, "--template") if template else (tf.template or DEFAULT_TEMPLATE),
+        system=system if system is not None else tf.system,
+        per_request=per_request, concurrency=concurrency, max_requests=max_requests,
+        min_chars=min_chars, max_chars=max_chars, near_dup=near_dup,
+        checkpoint_seconds=checkpoint_seconds, restart=restart, workdir=_workdir(),
+        client=ClientSettings(base_url=base_url, model=model, api_key=api_key,
+                              temperature=temperature, max_tokens=max_tokens,
+                              json_mode=json_mode,  # type: ignore[arg-type]
+                              timeout=timeout, max_retries=max_retries, rpm=rpm),
+    )
+    result = synthesize(cfg)
+    if stats:
+        stats.write_text(stats_json(result) + "\n", encoding="utf-8")
+    typer.echo(stats_line(result))
+
+
+@data_app.command()
+def convert(
+    src: Annotated[str, typer.Argument(metavar="IN", help="Data to read: file, folder or "
+                                       "bucket URI/prefix (any kind `sft-job run` reads).")],
+    dst: Annotated[str, typer.Argument(metavar="OUT", help="File to write (.jsonl, .json, "
+                                       ".parquet, .csv): path or bucket URI.")],
+    to: Annotated[str, typer.Option(help=_FMT_HELP)],
+    from_: Annotated[str, typer.Option("--from", help="Input format: auto (detect), alpaca, "
+                                       "chat or prompt-response.")] = "auto",
+    prompt_field: Annotated[str, typer.Option(help="Input prompt field (prompt-response).")
+                            ] = "prompt",
+    response_field: Annotated[str, typer.Option(help="Input response field (prompt-response).")
+                              ] = "response",
+    messages_field: Annotated[str, typer.Option(help="Input messages field (chat).")
+                              ] = "messages",
+    on_error: Annotated[str, typer.Option(help="Rows that cannot be converted: fail (exit 2, "
+                                          "nothing written) or skip (counted).")] = "fail",
+    last_turn: Annotated[bool, typer.Option(help="Chat -> alpaca/prompt-response: keep the "
+                                            "last exchange of multi-turn chats.")] = False,
+) -> None:
+    """Convert data between alpaca, chat and prompt-response, from/to any storage URI."""
+    _setup_logging()
+    _choice(to, FORMATS, "--to")
+    _choice(from_, ("auto", *FORMATS), "--from")
+    _choice(on_error, ("fail", "skip"), "--on-error")
+    from sft_job.synth.convert import ConvertOptions
+    from sft_job.synth.convert import convert as run_convert
+
+    opts = ConvertOptions(to=to, from_=from_, prompt_field=prompt_field,
+                          response_field=response_field, messages_field=messages_field,
+                          on_error=on_error, last_turn=last_turn)
+    s = run_convert(src, dst, opts, _workdir())
+    typer.echo(f"convert: {s['rows']} rows {s['from']} -> {s['to']}: {s['in']} -> {s['out']} "
+               f"(skipped {s['skipped']}, lossy {s['lossy']})")
