@@ -202,6 +202,11 @@ def test_images_match_the_pods(hw: str) -> None:
     assert re.search(r'^ENTRYPOINT \["sft-job"\]', text, re.M)
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1] == "1000:1000"
+    # The pods' root filesystem is read-only: every cache the image names must be on /work.
+    env_lines = re.findall(r"^ENV ((?:.*\\\n)*.*)$", text, re.M)
+    image_env = dict(re.findall(r"(\w+)=(\S+)", " ".join(env_lines)))
+    for key in ("SFT_JOB_WORKDIR", "HF_HOME", "XDG_CACHE_HOME"):
+        assert image_env[key].startswith("/work"), key
 
 
 def test_pod_failure_policy_uses_the_job_exit_codes(
