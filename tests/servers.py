@@ -221,6 +221,7 @@ class FaultProxy:
     Faults, decided per request (seeded RNG, so runs repeat): `error_rate` answers 503 SlowDown
     without forwarding, `drop_rate` closes the connection without an answer, `corrupt_rate`
     flips one byte of a successful GET's response body or of a PUT's request body.
+    `stream_mbps` caps each connection's upload rate (a model of a per-stream WAN limit).
     `fail_next(n, kind)` forces the next n matching requests to fail. Only requests whose
     "METHOD path" matches `match` (a regex) are touched. Attributes may be changed while it
     runs; `stats` counts what happened.
@@ -230,6 +231,7 @@ class FaultProxy:
     error_rate: float = 0.0
     drop_rate: float = 0.0
     corrupt_rate: float = 0.0
+    stream_mbps: float = 0.0  # > 0: cap each connection's request body at this many MB/s
     match: str = ".*"
     seed: int = 0
     url: str = ""
@@ -305,7 +307,15 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 out += self.rfile.read(size)
                 self.rfile.readline()
         n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else b""
+        if not self.proxy.stream_mbps:
+            return self.rfile.read(n) if n else b""
+        out, t0 = bytearray(), time.monotonic()
+        while len(out) < n:  # hold each connection to stream_mbps, like one TCP stream on a WAN
+            out += self.rfile.read(min(256 << 10, n - len(out)))
+            ahead = len(out) / (self.proxy.stream_mbps * 1e6) - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+        return bytes(out)
 
     def _handle(self) -> None:
         body = self._read_body()

@@ -21,6 +21,7 @@ __all__ = [
     "Store",
     "committed_dirs",
     "configure",
+    "credential_source",
     "delete_prefix",
     "exists",
     "fetch",
@@ -147,6 +148,13 @@ def probe(uri: str, write: bool = False) -> str:
     'google:compute_engine.Credentials', 'hf:HF_TOKEN', 'local' (never the secret itself)."""
     store, key = open_store(uri)
     return store.probe(key, write)
+
+
+def credential_source(uri: str) -> str:
+    """Which credentials serve `uri` ('aws:iam-role', 'aws:env', 'hf:HF_TOKEN', 'local'...),
+    without touching the bucket; AccessError if there are none (S3, GCS)."""
+    store, _ = open_store(uri)
+    return store.credential_source()
 
 
 def fetch(uri: str, dest: Path) -> Path:

@@ -144,8 +144,8 @@ class GCSStore:
 
     def probe(self, key: str, write: bool) -> str:
         """Check credentials and access now; returns the credential kind in use."""
+        kind = self.credential_source()
         with self._errors(key):
-            kind = _credential_kind(self.client)
             self._check_bucket(key)
             if write:
                 probe = key_join(key, f".sft-job-probe-{uuid.uuid4().hex}")
@@ -155,6 +155,11 @@ class GCSStore:
                     and not self._list(key, limit=1):
                 raise AccessError(f"{self._uri(key)}: no such object or prefix")
             return kind
+
+    def credential_source(self) -> str:
+        """The kind of Google credentials in use, e.g. 'google:compute_engine.Credentials'."""
+        with self._errors(""):
+            return _credential_kind(self.client)
 
     # --------------------------------------------------------------- helpers
 
@@ -202,8 +207,11 @@ class GCSStore:
                         ProgressReader(fh, progress), size=path.stat().st_size,
                         retry=_retry(), checksum=None)
 
-            transfer_verified(pairs, lambda batch: _parallel(one, batch),
-                              lambda pk: self._verify(pk[0], self.bucket.get_blob(pk[1]), pk[1]),
+            def verify(pair: tuple[Path, str]) -> None:
+                path, key = pair
+                self._verify(path, self.bucket.get_blob(key, retry=_retry()), key)
+
+            transfer_verified(pairs, lambda batch: _parallel(one, batch), verify,
                               lambda pk: self._uri(pk[1]))
 
     def _download(self, items: list[tuple[Path, Any]], desc: str) -> None:

@@ -126,12 +126,8 @@ class HubStore:
 
     def probe(self, key: str, write: bool) -> str:
         """Check the token and access now; returns where the token came from."""
-        from huggingface_hub import get_token
-
         u = _parse(key)
-        token = get_token()
-        source = "hf:HF_TOKEN" if os.environ.get("HF_TOKEN") else (
-            "hf:token-file" if token else "hf:anonymous")
+        source = self.credential_source()
         with _errors(key, write=write):
             if write:
                 _require_token(key)
@@ -144,6 +140,14 @@ class HubStore:
                 if u.path_in_repo and not self._tree(u, None) and not self.exists(key):
                     raise AccessError(f"hf://{key}: no such file or folder in the repository")
         return source
+
+    def credential_source(self) -> str:
+        """Where the Hub token comes from: 'hf:HF_TOKEN', 'hf:token-file' or 'hf:anonymous'."""
+        from huggingface_hub import get_token
+
+        if os.environ.get("HF_TOKEN"):
+            return "hf:HF_TOKEN"
+        return "hf:token-file" if get_token() else "hf:anonymous"
 
     # --------------------------------------------------------------- helpers
 

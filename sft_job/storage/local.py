@@ -110,3 +110,6 @@ class LocalStore:
         elif not p.exists():
             raise AccessError(f"{key}: no such file or directory")
         return "local"
+
+    def credential_source(self) -> str:
+        return "local"

@@ -164,11 +164,7 @@ class S3Store:
     def probe(self, key: str, write: bool) -> str:
         """Check credentials and access now; returns the credential source boto3 used."""
         with self._errors(key):
-            creds = self.session.get_credentials()
-            if creds is None:
-                from botocore.exceptions import NoCredentialsError
-
-                raise NoCredentialsError()
+            source = self.credential_source()
             self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
             if write:
                 probe = key_join(key, f".sft-job-probe-{uuid.uuid4().hex}")
@@ -176,6 +172,16 @@ class S3Store:
                 self.client.delete_object(Bucket=self.bucket, Key=probe)
             elif key and self._head(key) is None and not self._list(key, limit=1):
                 raise AccessError(f"{self._uri(key)}: no such object or prefix")
+            return source
+
+    def credential_source(self) -> str:
+        """Which link of boto3's chain supplies credentials, e.g. 'aws:iam-role' (no secret)."""
+        with self._errors(""):
+            creds = self.session.get_credentials()
+            if creds is None:
+                from botocore.exceptions import NoCredentialsError
+
+                raise NoCredentialsError()
             return f"aws:{creds.method}"
 
     # --------------------------------------------------------------- helpers

@@ -118,3 +118,9 @@ def test_keys_escaping_the_target_are_refused(s3_bucket: str, s3: object, tmp_pa
     with pytest.raises(AccessError, match="outside the target"):
         storage.get_dir(f"{s3_bucket}/evil", tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_credential_source(root: str) -> None:
+    kind = root.split("://")[0] if "://" in root else "file"
+    assert storage.credential_source(root) == {
+        "file": "local", "s3": "aws:env", "gs": "google:credentials.AnonymousCredentials"}[kind]
