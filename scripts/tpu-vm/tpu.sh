@@ -115,6 +115,11 @@ submit() {
   echo "# spec $JOB (valid), image $IMAGE, stop timeout ${grace} s"
   mkdir -p "$STAGE"
   cp "$JOB" "$STAGE/job.yaml"
+  if [[ -n $DRY_RUN ]]; then
+    echo "# --- $STAGE/job.yaml (mounted at /etc/sft-job/job.yaml on every worker)"
+    cat "$STAGE/job.yaml"
+    echo "# --- DRY_RUN: would run"
+  fi
   local state=""
   echo "+ $(quote "$GCLOUD" compute tpus queued-resources describe "$TPU_NAME" "${WHERE[@]}" \
     --format='value(state.state)')"

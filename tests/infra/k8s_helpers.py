@@ -101,8 +101,14 @@ def make(*args: str, env_extra: dict[str, str] | None = None,
     """Run `make -s ARGS` in the repository; fail the test on a non-zero exit if check."""
     if shutil.which("make") is None:
         pytest.skip("make not installed")
-    env_ = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    # Hermetic: only cluster.env's defaults, not a developer's cluster.local.env or environment.
+    settings = [line.split("=", 1)[0] for line in (REPO / "cluster.env").read_text().splitlines()
+                if "=" in line and not line.startswith("#")]
+    drop = {"MAKEFLAGS", "MAKELEVEL", "MFLAGS", "TAG", "DIGEST", "DRY_RUN", *settings}
+    env_ = {k: v for k, v in os.environ.items() if k not in drop}
     env_.update(env_extra or {})
+    if not any(a.startswith("CLUSTER_SETTINGS=") for a in args):
+        args = (*args, "CLUSTER_SETTINGS=cluster.env")
     r = subprocess.run(["make", "-s", "--no-print-directory", *args], cwd=REPO, env=env_,
                        text=True, capture_output=True, timeout=300)
     if check and r.returncode != 0:
