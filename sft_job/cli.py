@@ -62,10 +62,21 @@ def run(
 ) -> None:
     """Run the job: fetch data and model, train, evaluate, merge, push. Exit codes: 0 done,
     2 bad spec/data, 3 storage access, 75 preempted or transient (retry)."""
-    from sft_job.pipeline import run_job
     from sft_job.spec import load_spec
+    from sft_job.train.launch import launch, plan
 
     job = load_spec(spec, set_)
+    ranks = plan(job)
+    if ranks is not None:  # several devices: become the launcher of one rank per device
+        from sft_job.pipeline import setup_logging
+
+        setup_logging()
+        code = launch(ranks, sys.argv[1:])
+        if code:
+            typer.echo(f"error: a rank exited with {code} (see the rank logs above)", err=True)
+        sys.exit(code)
+    from sft_job.pipeline import run_job
+
     run_job(job, allow_changed=allow_changed)
 
 

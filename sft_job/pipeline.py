@@ -46,9 +46,13 @@ class Timings:
 
 
 def setup_logging() -> None:
-    """Plain timestamped lines on stderr; quiet the libraries' own chatter."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    """Plain timestamped lines on stderr (rank-tagged when there are several ranks, and only
+    rank 0 at INFO); quiet the libraries' own chatter."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tag = f"[rank {_rank()}] " if world > 1 else ""
+    level = logging.INFO if _rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {tag}%(message)s",
+                        datefmt="%H:%M:%S", force=True)
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "urllib3", "botocore",
                  "httpx", "filelock", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -75,14 +79,18 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
         return {"already_done": True}
     from sft_job.preflight import probe_output
 
-    probe_output(out_uri)  # a wrong bucket fails now, not after training
     work = workdir_for(spec)
     stage = work / "out"
-    for stale in (stage, work / "trainer", work / "ckpt-staging", work / "resume"):
-        shutil.rmtree(stale, ignore_errors=True)  # a reused machine's leftovers are not ours
-    stage.mkdir(parents=True, exist_ok=True)
-    (stage / "job.yaml").write_text(dump_spec(spec))
-    storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
+    mine = work / f"rank{_rank()}"  # per-rank downloads (data, resume), never shared
+    if _is_main():
+        probe_output(out_uri)  # a wrong bucket fails now, not after training
+        for stale in (stage, work / "trainer", work / "ckpt-staging"):
+            shutil.rmtree(stale, ignore_errors=True)  # a reused machine's leftovers are not ours
+        stage.mkdir(parents=True, exist_ok=True)
+        (stage / "job.yaml").write_text(dump_spec(spec))
+        storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
+    shutil.rmtree(mine, ignore_errors=True)
+    mine.mkdir(parents=True)
 
     # Imports of torch/transformers/trl happen from here on, after the cheap checks.
     from sft_job.data import build as build_data
@@ -98,7 +106,7 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
     timings.mark("model_fetch")
     log.info("job %s: backend %s (%s, attention %s), base %s, method %s", spec.name,
              backend.name, backend.dtype, backend.attn, spec.model.base, spec.method.kind)
-    bundle = build_data(spec.data, tokenizer, work)
+    bundle = build_data(spec.data, tokenizer, mine)
     timings.mark("data")
 
     model_type = _model_type(model_dir)
@@ -113,7 +121,7 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
     metrics_path = stage / "metrics" / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
     run_state = ckpt.run_state(spec, bundle.files)
-    resume = ckpt.find_resume(spec, work, run_state, allow_changed)
+    resume = ckpt.find_resume(spec, mine, run_state, allow_changed)
     if resume:
         ckpt.restore_metrics(resume[0], metrics_path, resume[1])
     timings.mark("resume_lookup")
@@ -134,6 +142,7 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
         uploader.wait()  # periodic checkpoints still in flight finish before the final upload
         uploader.close()
     timings.mark("train")
+    bundle.stats["ranks"] = _gather_rank_facts(trainer.sft_job_collator)
 
     return _finish(spec, trainer, tokenizer, model_dir, bundle, pairs, before, train_out,
                    stage, timings, generate)
@@ -148,14 +157,18 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
 
     out_uri = spec.output.uri
     eval_loss = None
-    if bundle.eval:
+    if bundle.eval:  # every rank: evaluation and generation are collective under ZeRO-3
         eval_loss = float(trainer.evaluate()["eval_loss"])
     after = generate(trainer.model, tokenizer, [p for _, p in pairs], spec.eval.max_new_tokens)
     samples_md = samples_markdown(pairs, before, after)
     timings.mark("evaluate")
 
-    model_out, adapter_out, merge_diff = _save_model(spec, trainer, tokenizer, model_dir,
-                                                     bundle, stage)
+    saved = stage / ("model" if spec.method.kind == "full" else "adapter")
+    trainer.save_model(str(saved))  # every rank: ZeRO-3 gathers the shards here
+    if not _is_main():
+        _end_distributed()
+        return {"rank": _rank()}
+    model_out, adapter_out, merge_diff = _save_model(spec, tokenizer, model_dir, bundle, saved)
     timings.mark("save_merge")
 
     metrics = report.read_metrics(stage / "metrics" / "metrics.jsonl")
@@ -180,6 +193,7 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
         "efficiency_by_mode": {m: round(slot_efficiency(lengths, bs, ml, m), 4)
                                for m in ("packed", "longest", "max")},
         "merge_max_logit_diff": merge_diff,
+        "ranks": bundle.stats.pop("ranks", []),
         "data": bundle.stats,
         "model_uri": storage.join(out_uri, "model") if model_out else None,
         "adapter_uri": storage.join(out_uri, "adapter") if adapter_out else None,
@@ -199,6 +213,7 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     storage.put_dir(metrics_dir, storage.join(out_uri, "metrics"), commit=True)
     storage.write_text(storage.join(out_uri, SUCCESS), "")  # last: the run is complete
     print(report.end_screen(summary, out_uri), flush=True)
+    _end_distributed()
     return summary
 
 
@@ -215,37 +230,61 @@ def _stop_after_checkpoint(spec: JobSpec, trainer: Any, uploader: Any, stop: Any
                     "it is not committed, a rerun resumes from the previous one")
 
 
+def _gather_rank_facts(collator: Any) -> list[dict[str, Any]]:
+    """What each rank trained on (tokens, batches, first batch hash) and its peak memory."""
+    from sft_job.train.trainer import peak_memory
+
+    mine = {"rank": _rank(), "tokens": collator.tokens, "batches": collator.batches,
+            "first_batch_sha": collator.first_batch_sha, **peak_memory()}
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return _rank() == 0
 
 
-def _save_model(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle: Any,
-                stage: Path) -> tuple[Path | None, Path | None, float | None]:
-    """Full: save the model. LoRA/QLoRA: save the adapter, then merge it shard by shard and
-    check the merged model's logits against base+adapter."""
+def _end_distributed() -> None:
+    """Leave the process group cleanly (without it some backends abort at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _save_model(spec: JobSpec, tokenizer: Any, model_dir: Path, bundle: Any, saved: Path
+                ) -> tuple[Path | None, Path | None, float | None]:
+    """Full: the saved model is the result. LoRA/QLoRA: merge the saved adapter into the base
+    shard by shard, then check the merged logits against base+adapter loaded from disk."""
     from sft_job.finish.merge import max_logit_diff, merge_adapter
 
+    tokenizer.save_pretrained(saved)
+    (saved / "training_args.bin").unlink(missing_ok=True)  # a pickle nobody should need to load
     if spec.method.kind == "full":
-        out = stage / "model"
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(out)
-        return out, None, None
-    adapter = stage / "adapter"
-    trainer.model.save_pretrained(str(adapter))
-    tokenizer.save_pretrained(adapter)
+        return saved, None, None
     if not spec.output.merge:
-        return None, adapter, None
+        return None, saved, None
     log.info("merging the adapter into the base model (shard by shard)")
-    out = merge_adapter(model_dir, adapter, stage / "model", tokenizer)
-    diff = None
-    if spec.method.kind == "lora":  # QLoRA's reference is the 4-bit model: not comparable
-        sample = bundle.eval[0] if bundle.eval else bundle.train[0]
-        diff = max_logit_diff(trainer.model, out, sample["input_ids"][:64])
-        log.info("merge check: max |logit diff| merged vs base+adapter = %.2e", diff)
-        if diff > 1e-3:
-            raise ModelError(f"merge check failed: merged logits differ from base+adapter by "
-                             f"{diff:.3g}; the adapter was not merged correctly")
-    return out, adapter, diff
+    out = merge_adapter(model_dir, saved, saved.parent / "model", tokenizer)
+    sample = bundle.eval[0] if bundle.eval else bundle.train[0]
+    diff = max_logit_diff(model_dir, saved, out, sample["input_ids"][:64])
+    if diff is None:
+        log.info("merge check skipped: the base model is too large to load twice on CPU")
+        return out, saved, None
+    log.info("merge check: max |logit diff| merged vs base+adapter = %.2e", diff)
+    if diff > 1e-3:
+        raise ModelError(f"merge check failed: merged logits differ from base+adapter by "
+                         f"{diff:.3g}; the adapter was not merged correctly")
+    return out, saved, diff
 
 
 def _upload(spec: JobSpec, stage: Path, model_out: Path | None, adapter_out: Path | None) -> None:

@@ -164,6 +164,10 @@ class ResourcesSpec(Strict):
         "`sft-job validate` (e.g. nvidia-l4, nvidia-h100-80gb, tpu-v5e)."
     )
     devices: int = Field(1, gt=0, description="Devices (GPUs / TPU chips) in all, for estimates.")
+    processes_per_node: int | None = Field(
+        None, gt=0, description="Ranks to start on this node (default: one per visible GPU, "
+        "1 on CPU and TPU); NPROC_PER_NODE overrides it."
+    )
 
 
 class JobSpec(Strict):
@@ -214,7 +218,7 @@ def combination_problems(spec: JobSpec) -> list[str]:
                    "use lora")
     if ds != "none" and spec.backend == "tpu":
         out.append("deepspeed: DeepSpeed does not run on TPU; set deepspeed: none (TPU uses FSDPv2)")
-    if ds != "none" and spec.backend == "cpu":
+    if ds != "none" and spec.backend == "cpu" and os.environ.get("SFT_JOB_DEEPSPEED_ON_CPU") != "1":
         out.append("deepspeed: DeepSpeed is for GPUs; set deepspeed: none with backend: cpu "
                    "(multi-process CPU runs use DDP over gloo)")
     if spec.method.kind == "qlora" and ds.startswith("zero3"):

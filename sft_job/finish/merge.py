@@ -139,20 +139,29 @@ def _peft_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer: Any
     return out_dir
 
 
-def max_logit_diff(reference: Any, merged_dir: Path, input_ids: list[int]) -> float:
-    """Largest |logit| difference between `reference` (base+adapter in memory) and the merged
-    model loaded from disk, on one sequence."""
+CHECK_MAX_BYTES = 4 * 1024**3  # the check loads the base twice in fp32 on CPU
+
+
+def max_logit_diff(base_dir: Path, adapter_dir: Path, merged_dir: Path,
+                   input_ids: list[int]) -> float | None:
+    """Largest |logit| difference between base+adapter (PEFT, unmerged) and the merged model,
+    both loaded from disk in fp32 on CPU, on one sequence; None when the base is too big.
+    For QLoRA this compares against the full-precision base the adapter was merged into."""
     import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
-    merged.eval()
-    reference.eval()
+    size = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
+    if size > CHECK_MAX_BYTES:
+        return None
     x = torch.tensor([input_ids])
     with torch.no_grad():
-        ref = reference(input_ids=x.to(next(reference.parameters()).device)).logits.float().cpu()
-        got = merged(input_ids=x).logits.float()
-    return float((ref - got).abs().max())
+        ref = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        ref = PeftModel.from_pretrained(ref, str(adapter_dir)).eval()
+        want = ref(input_ids=x).logits
+        del ref
+        got = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+        return float((want - got(input_ids=x).logits).abs().max())
 
 
 def merge_cli(base: str, adapter: str, out: str) -> None:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class Journal:
             self.path = Path(split_uri(self.uri)[2])
         self.checkpoint_seconds = checkpoint_seconds
         self._last_upload = 0.0
+        self._upload_lock = threading.Lock()  # one upload at a time (workers call from threads)
         self._file: Any = None
 
     def open(self, fingerprint: dict[str, Any], restart: bool = False) -> list[dict[str, Any]]:
@@ -78,15 +80,21 @@ class Journal:
         return self.remote and time.monotonic() - self._last_upload >= self.checkpoint_seconds
 
     def checkpoint(self, force: bool = False) -> None:
-        """Upload a snapshot of the journal (bucket output only) if forced or due."""
+        """Upload a snapshot of the journal (bucket output only) if forced or due; a call that
+        is not forced returns at once while another upload runs."""
         if not self.remote or not (force or self.due()):
             return
-        from sft_job import storage
+        if not self._upload_lock.acquire(blocking=force):
+            return
+        try:
+            from sft_job import storage
 
-        snap = self.dir / "journal.snapshot"
-        shutil.copyfile(self.path, snap)  # appends go on while the snapshot uploads
-        storage.put_file(snap, self.uri)
-        self._last_upload = time.monotonic()
+            self._last_upload = time.monotonic()
+            snap = self.dir / "journal.snapshot"
+            shutil.copyfile(self.path, snap)  # appends go on while the snapshot uploads
+            storage.put_file(snap, self.uri)
+        finally:
+            self._upload_lock.release()
 
     def close(self) -> None:
         if self._file is not None:

@@ -76,6 +76,7 @@ class Progress:
     next_i: Counter[str] = field(default_factory=Counter)
     rejects: Counter[str] = field(default_factory=Counter)
     surplus: int = 0  # valid pairs beyond a topic's quota (unused; another --n may use them)
+    cut_off: int = 0  # answers that hit the token limit (finish_reason "length")
 
     def apply(self, entry: dict[str, Any]) -> None:
         """Replay or record one finished request."""
@@ -83,6 +84,7 @@ class Progress:
         self.requests[topic] += 1
         self.next_i[topic] = max(self.next_i[topic], entry["i"] + 1)
         self.rejects.update(entry.get("rejects", {}))
+        self.cut_off += entry.get("finish_reason") == "length"
         if topic not in self.quota:
             return
         kept = self.kept.setdefault(topic, [])
@@ -284,7 +286,10 @@ def _finish(cfg: SynthConfig, progress: Progress, planner: Planner, requests_now
              "requests": sum(progress.requests.values()), "requests_this_run": requests_now,
              "rejected": sum(progress.rejects.values()), "rejects": dict(progress.rejects),
              "duplicates": progress.rejects["duplicate"] + progress.rejects["near_duplicate"],
-             "surplus": progress.surplus, "short_topics": short}
+             "surplus": progress.surplus, "cut_off": progress.cut_off, "short_topics": short}
+    if progress.cut_off:
+        log.warning("%d answers were cut off by the token limit; raise --max-tokens or lower "
+                    "--per-request", progress.cut_off)
     if short:
         log.warning("short of --n: %s; raise --max-requests, lower --near-dup strictness or "
                     "add topics, then rerun to continue", "; ".join(short))

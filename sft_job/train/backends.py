@@ -62,8 +62,6 @@ def resolve(spec: JobSpec) -> Backend:
                                "sft-job[tpu]`)")
     if spec.method.kind == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise UnsupportedError("method.kind: qlora needs bitsandbytes (`pip install sft-job[qlora]`)")
-    if name == "cpu" and spec.deepspeed != "none":
-        raise UnsupportedError("deepspeed: DeepSpeed is for GPUs; set deepspeed: none on CPU")
     if name == "cuda":
         import torch
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,9 +26,17 @@ class CountingCollator:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.tokens = 0
+        self.batches = 0
+        self.first_batch_sha = ""  # which data this rank saw first (data-parallel evidence)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import hashlib
+
         self.tokens += sum(len(e["input_ids"]) for e in examples)
+        if not self.batches:
+            ids = ",".join(str(t) for e in examples for t in e["input_ids"])
+            self.first_batch_sha = hashlib.sha256(ids.encode()).hexdigest()[:12]
+        self.batches += 1
         return self.inner(examples)
 
 
@@ -68,6 +77,14 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path, has_eval: bool
         "use_liger_kernel": False,
     }
     args.update(backend.sft_args)
+    from sft_job.train import deepspeed
+
+    ds = deepspeed.config(spec)
+    if ds is not None:
+        args["deepspeed"] = ds
+        args.update(deepspeed.prepare_cpu(backend.name))
+    if backend.name == "cpu" and ds is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args["ddp_backend"] = "gloo"  # use_cpu + gloo: real DDP, not N copies of the job
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     unknown = sorted(set(spec.trainer) - fields)
     if unknown:
@@ -133,6 +150,7 @@ def metrics_callback(path: Path, collator_ref: list[Any]) -> Any:
                 rec["tokens_seen"] = tokens
                 self.last_t, self.last_tokens = now, tokens
             rec["elapsed_s"] = round(now - self.t0, 2)
+            rec.update(peak_memory())
             with path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             if "loss" in logs:
@@ -144,6 +162,28 @@ def metrics_callback(path: Path, collator_ref: list[Any]) -> Any:
                 log.info("step %d  eval_loss %.4f", state.global_step, logs["eval_loss"])
 
     return MetricsLogger()
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak memory of this process in GB: CUDA allocated/reserved, XLA device, or CPU RSS."""
+    import resource
+
+    import torch
+
+    out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+        out["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1024**3, 3)
+    elif os.environ.get("PJRT_DEVICE"):
+        try:
+            import torch_xla.core.xla_model as xm
+
+            info = xm.get_memory_info(xm.xla_device())
+            peak = info.get("peak_bytes_used") or info.get("bytes_used", 0)
+            out["peak_device_gb"] = round(peak / 1024**3, 3)
+        except (ImportError, RuntimeError, AttributeError):
+            pass
+    return out
 
 
 def _num(v: Any) -> Any:
