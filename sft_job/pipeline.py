@@ -73,6 +73,7 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
     """Run one job end to end and return its summary."""
     setup_logging()
     timings = Timings()
+    storage.configure(spec.output.s3_endpoint_url)
     out_uri = spec.output.uri
     if storage.exists(storage.join(out_uri, SUCCESS)):
         log.info("%s/%s exists: this job is already done, nothing to do", out_uri, SUCCESS)

@@ -62,10 +62,7 @@ def probe_output(uri: str) -> str:
 
 def credential_source(uri: str) -> str:
     """Which credential chain serves `uri` (a description, never a secret)."""
-    fn = getattr(storage, "credential_source", None)
-    if fn is not None:
-        return fn(uri)
-    return "local filesystem" if "://" not in uri or uri.startswith("file://") else "default"
+    return storage.credential_source(uri)
 
 
 def _probe_input(uri: str, label: str, rep: Report) -> None:
@@ -81,7 +78,8 @@ def _probe_input(uri: str, label: str, rep: Report) -> None:
         if not storage.list_keys(uri) and not storage.exists(uri):
             rep.problem(label, f"{uri}: no object or prefix found (empty or missing)", "data")
             return
-        rep.facts.setdefault("credentials", {})[label] = credential_source(uri)
+        rep.facts.setdefault("credentials", {})[label] = storage.probe(uri, write=False) \
+            if storage.exists(uri) else credential_source(uri)
     except SftJobError as e:
         rep.problem(label, str(e), "access" if isinstance(e, AccessError) else "data")
 
@@ -89,6 +87,7 @@ def _probe_input(uri: str, label: str, rep: Report) -> None:
 def preflight(spec: JobSpec, samples: int = 2, json_out: Path | None = None) -> Report:
     """Run every check; print a report; raise PreflightFailed when the job would fail."""
     rep = Report()
+    storage.configure(spec.output.s3_endpoint_url)
     rep.facts["spec_hash"] = spec.run_hash()
     _check_spec(spec, rep)
     _check_storage(spec, rep)
