@@ -305,7 +305,8 @@ def stats_line(stats: dict[str, Any]) -> str:
     return (f"synth: kept {stats['kept']}/{stats['asked']} rows ({stats['format']}) -> "
             f"{stats['out']} | requests {stats['requests']} ({stats['requests_this_run']} this "
             f"run) | duplicates {stats['duplicates']} | rejected {stats['rejected']}: "
-            f"{_reasons(Counter(stats['rejects']))} | surplus {stats['surplus']}")
+            f"{_reasons(Counter(stats['rejects']))} | surplus {stats['surplus']}"
+            + (f" | cut off {stats['cut_off']}" if stats.get("cut_off") else ""))
 
 
 def stats_json(stats: dict[str, Any]) -> str:

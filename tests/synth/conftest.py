@@ -15,7 +15,6 @@ from sft_job.synth.run import SynthConfig
 from sft_job.synth.topics import Topic
 from tests.synth.fake_openai import TEMPLATE, Reply
 
-
 QUESTIONS = {
     "P": ["What is a Python generator and when should you use one?",
           "How do decorators work in Python?",
@@ -93,8 +92,8 @@ SQL = [
     # 1: throttled, then a server error, then a good answer (see script())
     None,
     # 2: a multi-turn chat (rejected) and user/assistant keys
-    json.dumps([{"messages": [{"role": "user", "content": "x" * 20}, {"role": "assistant", "content": "y" * 20},
-                              {"role": "user", "content": "z" * 20}, {"role": "assistant", "content": "w" * 20}]},
+    json.dumps([{"messages": [{"role": r, "content": c * 20} for r, c in
+                              [("user", "x"), ("assistant", "y"), ("user", "z"), ("assistant", "w")]]},
                 {"user": q(4, "S"), "assistant": a(4, "S")}]),
     # 3: a duplicate of a python row (across topics) and a non-object item
     json.dumps(["just a string", qa(7), qa(5, "S")]),
@@ -105,6 +104,7 @@ def script(retry_after: str = "0") -> dict[tuple[str, int], Any]:
     """The scripted answers by (topic, i); ("sql", 1) is throttled with this Retry-After."""
     out: dict[tuple[str, int], Any] = {("python", i): c for i, c in enumerate(PY)}
     out.update({("sql", i): c for i, c in enumerate(SQL)})
+    out[("python", 8)] = Reply(PY[8], finish_reason="length")
     out[("sql", 1)] = [Reply(status=429, headers={"Retry-After": retry_after}), Reply(status=500),
                        Reply(json.dumps([qa(3, "S")]))]
     return out

@@ -34,6 +34,7 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     finish_reason: str = "stop"
+    code: str | None = None  # the error code of a non-200 answer
 
 
 @dataclass
@@ -43,7 +44,8 @@ class Seen:
     key: tuple[str, int] | None
     body: dict[str, Any]
     status: int
-    at: float
+    at: float  # when answered
+    arrived: float  # when received
 
 
 class FakeOpenAI:
@@ -99,6 +101,7 @@ class FakeOpenAI:
 
     # ------------------------------------------------------------------ answering
     def answer(self, body: dict[str, Any], auth: str | None) -> tuple[int, dict[str, str], bytes]:
+        arrived = time.monotonic()
         with self._lock:
             self._received += 1
             hang = self.hang_after is not None and self._received > self.hang_after
@@ -112,7 +115,7 @@ class FakeOpenAI:
             key = (m.group(1), int(m.group(2)))
         status, headers, payload = self._decide(body, auth, key)
         with self._lock:
-            self.seen.append(Seen(key, body, status, time.monotonic()))
+            self.seen.append(Seen(key, body, status, time.monotonic(), arrived))
         return status, headers, payload
 
     def _decide(self, body: dict[str, Any], auth: str | None, key: tuple[str, int] | None
@@ -132,7 +135,7 @@ class FakeOpenAI:
             item = item[min(n, len(item)) - 1]
         reply = item if isinstance(item, Reply) else Reply(item)
         if reply.status != 200:
-            return _error(reply.status, f"scripted {reply.status}", None, reply.headers)
+            return _error(reply.status, f"scripted {reply.status}", reply.code, reply.headers)
         return 200, reply.headers, json.dumps({
             "id": "chatcmpl-test", "object": "chat.completion", "model": body.get("model"),
             "choices": [{"index": 0, "finish_reason": reply.finish_reason,

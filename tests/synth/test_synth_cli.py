@@ -17,8 +17,8 @@ from tests.conftest import REPO
 from tests.synth.conftest import (
     EXPECTED_PROMPTS,
     MAX_REQUESTS,
-    N,
     TOPICS_YAML,
+    N,
     group,
     prompts_of,
     qa,
@@ -88,7 +88,7 @@ def test_cli_run_prints_stats_and_writes_data(setup: dict) -> None:
     assert_complete(out)
 
 
-def _wait_for(cond, timeout: float = 30) -> None:  # noqa: ANN001
+def _wait_for(cond, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out"
@@ -150,12 +150,9 @@ def test_refused_key_is_exit_3(setup: dict) -> None:
     assert "HTTP 401" in r.stderr and "wrongwrong" not in r.stderr
 
 
-def test_data_help_is_fast() -> None:
-    t = time.monotonic()
-    r = run([*_cmd(), "data", "synth", "--help"], dict(os.environ))
-    assert r.returncode == 0 and "--topics" in r.stdout
-    assert time.monotonic() - t < 10
+def test_commands_import_light() -> None:
+    """`sft-job --help` imports synth.commands: it must not pull httpx, numpy, pydantic, boto3."""
     r = run([sys.executable, "-c", "import sys, sft_job.synth.commands; "
              "print(sorted(m for m in ('httpx', 'numpy', 'pydantic', 'boto3') if m in sys.modules))"],
             dict(os.environ))
-    assert r.stdout.strip() == "[]", "synth.commands imports heavy modules at import time"
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr

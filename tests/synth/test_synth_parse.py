@@ -72,7 +72,7 @@ def test_rejects_are_counted(text: str, reason: str) -> None:
 
 
 def test_truncated_answer_keeps_complete_objects() -> None:
-    full = json.dumps({"pairs": QA + [{"question": "Third?", "answer": "cut off here"}]})
+    full = json.dumps({"pairs": [*QA, {"question": "Third?", "answer": "cut off here"}]})
     got = extract(full[:-30])
     assert got.pairs == PAIRS
     assert dict(got.rejects) == {"partial_json": 1}
