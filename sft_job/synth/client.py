@@ -140,7 +140,9 @@ class ChatClient:
         except httpx.TimeoutException as e:
             return self._backoff(attempt), f"timed out ({type(e).__name__})"
         except httpx.TransportError as e:
-            return self._backoff(attempt), f"cannot connect ({type(e).__name__}: {self._mask(str(e))})"
+            return self._backoff(attempt), (f"cannot connect ({type(e).__name__}: "
+                                            f"{self._mask(str(e))}); is --base-url right and "
+                                            "the server up?")
         if r.status_code == 200:
             try:
                 return self._completion(r.json(), use_json), ""
