@@ -40,7 +40,7 @@ K8S_ARGS = $(call _opt,--job,$(JOB)) $(call _opt,--registry,$(REGISTRY)) \
 TPU_ENV = DRY_RUN='$(_dry)' PYTHON='$(K8S_PY)' PROJECT='$(PROJECT)' ZONE='$(ZONE)' \
 	TPU_NAME='$(TPU_NAME)' TPU_ACCELERATOR='$(TPU_ACCELERATOR)' TPU_RUNTIME='$(TPU_RUNTIME)' \
 	TPU_SPOT='$(TPU_SPOT)' TPU_WORKER='$(TPU_WORKER)' GCP_SA='$(GCP_SA)' \
-	HF_TOKEN_SECRET='$(HF_TOKEN_SECRET)' JOB='$(or $(JOB),k8s/base/spec.yaml)' \
+	HF_TOKEN_SECRET='$(HF_TOKEN_SECRET)' JOB='$(or $(JOB),k8s/overlays/tpu-v5e-single/spec.yaml)' \
 	IMAGE='$(REGISTRY)/sft-job-tpu$(if $(DIGEST),@$(DIGEST),:$(TAG))'
 
 submit-gpu: ## Render k8s/overlays/GPU_OVERLAY with JOB and kubectl apply it (DRY_RUN=1)

@@ -165,6 +165,8 @@ def test_embedded_specs_parse(manifests: dict[str, list[dict[str, Any]]]) -> Non
     base = (REPO / "k8s/base/spec.yaml").read_text()
     assert submit.embedded_spec(manifests["lora-job.yaml"]) == base
     assert parse_spec(base, "base").method.kind == "lora"
+    names = [parse_spec(submit.embedded_spec(d), n).name for n, d in manifests.items()]
+    assert len(set(names)) == len(OVERLAYS)        # lora-job.yaml shares gpu-lora's spec
     assert parse_spec(submit.embedded_spec(manifests["gpu-full-deepspeed"]), "x").deepspeed \
         == "zero3"
     assert parse_spec(submit.embedded_spec(manifests["tpu-v5e-multihost"]), "x").backend == "tpu"
@@ -336,6 +338,17 @@ def test_accelerators_use_the_documented_names(overlay: str) -> None:
             assert tol["google.com/tpu"]["effect"] == "NoSchedule"
             assert re.fullmatch(r".*/sft-job-tpu:\S+", c["image"])
             assert env(c)["PJRT_DEVICE"]["value"] == "TPU"
+    # The example spec is written for this hardware: backend, and what `sft-job validate`
+    # sizes memory for (resources.accelerator, resources.devices = devices of all pods).
+    spec = parse_spec(submit.embedded_spec(docs), overlay)
+    pods = sum(js.get("parallelism", 1) for js in job_specs(docs))
+    if overlay in GPU:
+        assert spec.backend == "cuda"
+        assert spec.resources.accelerator == pod["nodeSelector"]["cloud.google.com/gke-accelerator"]
+        assert spec.resources.devices == GPU[overlay] * pods
+    else:
+        assert spec.backend == "tpu" and spec.resources.accelerator == "tpu-v5e"
+        assert spec.resources.devices == TPU[overlay][1]
     if overlay == "tpu-v5e-multihost":
         (spec,) = job_specs(docs)
         assert spec["completions"] == spec["parallelism"] == TPU[overlay][2]
