@@ -26,11 +26,11 @@ smoke: venv ## Train the builtin tiny model on bundled data into ./out/smoke
 	$(BIN)/sft-job run jobs/smoke-cpu.yaml
 
 test: venv tools ## Run the whole test suite (what CI runs)
-	$(BIN)/ruff check sft_job tests bench
+	$(BIN)/ruff check sft_job tests bench k8s
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: venv ## Lint code, Dockerfiles, manifests and Terraform
-	$(BIN)/ruff check sft_job tests bench
+	$(BIN)/ruff check sft_job tests bench k8s
 
 schema: venv ## Regenerate docs/spec.md (the spec field reference) from sft_job/spec.py
 	$(BIN)/sft-job schema --markdown > docs/spec.md
