@@ -43,10 +43,11 @@ class DataBundle:
     files: list[Path] = field(default_factory=list)
 
 
-def prepare(uri: str, spec: DataSpec, tokenizer: Any, workdir: Path,
+def prepare(uri: str, spec: DataSpec, tokenizer: Any | None, workdir: Path,
             fmt: str | None = None) -> Prepared:
     """Fetch and read `uri`, detect/check its format and render every row to an Example.
-    Malformed rows fail (data.on_malformed: fail) or are collected (skip)."""
+    Malformed rows fail (data.on_malformed: fail) or are collected (skip). Without a tokenizer
+    (the cheap preflight pass) chat rows are checked and rendered with plain ChatML."""
     path = load.fetch(uri, workdir)
     result = load.read(path, max_rows=spec.max_samples)
     if not result.records and not result.malformed:
@@ -58,6 +59,11 @@ def prepare(uri: str, spec: DataSpec, tokenizer: Any, workdir: Path,
         else:
             fmt = spec.format
             formats.check_fields(fmt, rows, spec, uri)
+    if tokenizer is None:
+        tokenizer = formats.PlainChatML()
+    elif fmt == "chat" and not _has_chat_template(tokenizer):
+        log.warning("the tokenizer has no chat template: chat rows are rendered with ChatML")
+        tokenizer.chat_template = formats.CHATML_TEMPLATE
     examples, malformed = _render(result.records, fmt, spec, tokenizer)
     malformed = result.malformed + malformed
     if malformed and spec.on_malformed == "fail":
@@ -66,7 +72,8 @@ def prepare(uri: str, spec: DataSpec, tokenizer: Any, workdir: Path,
         raise DataError(f"{first.source}: {first.reason}{more}; fix the data or set "
                         "data.on_malformed: skip")
     if not examples:
-        raise DataError(f"{uri}: no usable rows ({len(malformed)} malformed)")
+        first = f", first {malformed[0].source}: {malformed[0].reason}" if malformed else ""
+        raise DataError(f"{uri}: no usable rows ({len(malformed)} malformed{first})")
     empty = sum(1 for m in malformed if m.reason.startswith("empty"))
     seen: set[str] = set()
     dups = 0
@@ -75,6 +82,11 @@ def prepare(uri: str, spec: DataSpec, tokenizer: Any, workdir: Path,
         dups += key in seen
         seen.add(key)
     return Prepared(fmt, examples, malformed, result.files, empty, dups)
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer can render chat rows itself."""
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def _render(records: list[Record], fmt: str, spec: DataSpec, tokenizer: Any
@@ -117,6 +129,9 @@ def build(spec: DataSpec, tokenizer: Any, workdir: Path) -> DataBundle:
     if not train_rows:
         raise DataError(f"{spec.train}: every row's prompt fills data.max_length="
                         f"{spec.max_length} tokens, nothing left to train on; raise max_length")
+    problem = all_truncated(tstats, train_p.format, spec.max_length)
+    if problem:
+        raise DataError(f"{spec.train}: {problem}")
     stats = _stats(train_p, eval_p, tstats, estats, spec)
     if spec.packing:
         train_rows = pack(train_rows, spec.max_length)
@@ -126,6 +141,16 @@ def build(spec: DataSpec, tokenizer: Any, workdir: Path) -> DataBundle:
              train_p.format, tstats.rows, estats.rows, tstats.truncated, stats["malformed"])
     return DataBundle(train_p.format, train_rows, eval_rows, train_ex, eval_ex, stats,
                       train_p.files + (eval_p.files if eval_p else []))
+
+
+def all_truncated(stats: TokenStats, fmt: str, max_length: int) -> str | None:
+    """A message when every row is cut at max_length before its EOS, so the model would never
+    learn to stop (plain text is exempt: cutting long documents is expected there)."""
+    if fmt == "text" or not stats.rows or stats.truncated < stats.rows:
+        return None
+    return (f"every row is longer than data.max_length={max_length} tokens (the shortest has "
+            f"{min(stats.raw_lengths)}): each would be cut before its EOS and the model would "
+            "never learn to stop; raise data.max_length")
 
 
 def _stats(train_p: Prepared, eval_p: Prepared | None, t: TokenStats, e: TokenStats,

@@ -40,6 +40,18 @@ CHATML_TEMPLATE = (
 )
 
 
+class PlainChatML:
+    """A stand-in tokenizer that renders chat rows with ChatML in plain Python: the cheap
+    preflight pass checks the structure of every chat row before any tokenizer is loaded."""
+
+    chat_template = CHATML_TEMPLATE
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
+                            add_generation_prompt: bool = False) -> str:
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
 class RowError(ValueError):
     """A record that does not fit its format; the message says which field and why."""
 
@@ -52,12 +64,26 @@ class Example:
 
 
 def detect(rows: list[dict[str, Any]], spec: DataSpec) -> str:
-    """Guess the format from the keys of the first rows; DataError if nothing fits."""
+    """Guess the format from the fields of the first rows (the most common per-row guess, so a
+    single broken row is reported as malformed rather than hiding the format)."""
     if not rows:
         raise DataError("no rows to detect the data format from")
-    keys = set(rows[0])
-    for r in rows[1:20]:
-        keys &= set(r)
+    votes: dict[str, int] = {}
+    for r in rows[:20]:
+        fmt = _guess(set(r), spec)
+        if fmt:
+            votes[fmt] = votes.get(fmt, 0) + 1
+    if votes:
+        return max(votes, key=lambda f: votes[f])
+    raise DataError(
+        f"cannot detect the data format from fields {sorted(rows[0])}: expected "
+        f"'{spec.messages_field}' (chat), instruction/input/output (alpaca), "
+        f"'{spec.prompt_field}'/'{spec.response_field}' (prompt-response) or "
+        f"'{spec.text_field}' (text); set data.format and the field names"
+    )
+
+
+def _guess(keys: set[str], spec: DataSpec) -> str | None:
     if spec.messages_field in keys or "conversations" in keys:
         return "chat"
     if {"instruction", "output"} <= keys:
@@ -66,12 +92,7 @@ def detect(rows: list[dict[str, Any]], spec: DataSpec) -> str:
         return "prompt-response"
     if spec.text_field in keys:
         return "text"
-    raise DataError(
-        f"cannot detect the data format from fields {sorted(keys)}: expected "
-        f"'{spec.messages_field}' (chat), instruction/input/output (alpaca), "
-        f"'{spec.prompt_field}'/'{spec.response_field}' (prompt-response) or "
-        f"'{spec.text_field}' (text); set data.format and the field names"
-    )
+    return None
 
 
 def check_fields(fmt: str, rows: list[dict[str, Any]], spec: DataSpec, source: str) -> None:
@@ -155,9 +176,17 @@ def _messages(row: dict[str, Any], spec: DataSpec) -> list[dict[str, str]]:
 
 def _chat(row: dict[str, Any], spec: DataSpec, tokenizer: Any) -> list[tuple[str, bool]]:
     msgs = _messages(row, spec)
+    # a tokenizer without a chat template (GPT-2, GPT-Neo) gets ChatML
+    template = None if getattr(tokenizer, "chat_template", None) else CHATML_TEMPLATE
 
     def render(ms: list[dict[str, str]], gen: bool) -> str:
-        return tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen,
+                                                 chat_template=template)
+        except TemplateError as e:  # e.g. a template that refuses a system turn
+            raise RowError(f"the chat template rejects this conversation: {e}") from None
 
     segments: list[tuple[str, bool]] = []
     done = ""
@@ -213,6 +242,8 @@ def prompt_for(user_text: str, fmt: str, spec: DataSpec, tokenizer: Any) -> str:
     if fmt == "prompt-response":
         return pr_prompt(user_text, spec)
     if fmt == "chat":
+        template = None if getattr(tokenizer, "chat_template", None) else CHATML_TEMPLATE
         return tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
-                                             tokenize=False, add_generation_prompt=True)
+                                             tokenize=False, add_generation_prompt=True,
+                                             chat_template=template)
     return user_text

@@ -226,9 +226,6 @@ def test_chatml_when_the_tokenizer_has_none(tiny_llama_dir: Path, tmp_path: Path
     assert [s for s, trained in ex.segments if trained] == ["Hello! How can I help?<|im_end|>\n"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: chat data with a tokenizer without a chat template "
-                   "raises transformers' ValueError; the ChatML fallback only happens in "
-                   "load_tokenizer(need_chat_template=True), which pipeline/preflight never pass")
 def test_prepare_chat_with_tokenizer_without_template_uses_chatml(
         write_jsonl: Callable, spec_of: Callable, tok_no_template: Any, tmp_path: Path) -> None:
     p = prepare(str(write_jsonl(CHAT)), spec_of(format="chat"), tok_no_template, tmp_path)
