@@ -2,15 +2,19 @@
 
     sft-job validate jobs/gpt2-alpaca-lora.yaml --samples 3 --json report.json
 
-Spec -> storage access -> tokenizer -> data (counts, lengths, truncation, packing efficiency) ->
-N samples rendered as training sees them -> memory estimate. Problems are collected, not
-raised one by one, so a user sees everything at once; the exit code is 2 (3 when every problem
-is a storage/Hub access problem).
+Two passes. The cheap one (`fast_checks`, also the first thing `sft-job run` does) needs no
+torch, tokenizer or weights: spec combinations, storage access, the base model's files, every
+data row read and checked against its format. The full one, only when the cheap one passed:
+tokenizer -> token lengths, truncation, packing efficiency -> N samples rendered as training
+sees them -> memory estimate. Problems are collected, not raised one by one, so a user sees
+everything a pass finds at once; the exit code is 2 (3 when every problem is a storage/Hub
+access problem, 75 when the rest are transient storage failures).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -20,8 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from sft_job import storage
-from sft_job.errors import EXIT_ACCESS, EXIT_SPEC, AccessError, SftJobError
-from sft_job.spec import JobSpec
+from sft_job.errors import (
+    EXIT_ACCESS,
+    EXIT_RETRY,
+    EXIT_SPEC,
+    AccessError,
+    SftJobError,
+    SpecError,
+    TransientError,
+)
+from sft_job.spec import BUILTIN_MODELS, JobSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
@@ -32,14 +44,42 @@ class PreflightFailed(SftJobError):
     """validate found problems; the exit code says which kind."""
 
 
+FULL_PASS = ("tokenizer", "token lengths", "samples", "memory estimate")
+
+
 @dataclass
 class Report:
     problems: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
 
     def problem(self, where: str, message: str, kind: str = "spec") -> None:
         self.problems.append({"where": where, "message": message, "kind": kind})
+
+    def error(self, where: str, err: SftJobError) -> None:
+        """Record a caught SftJobError, its kind from its class (access/transient decide the
+        exit code)."""
+        kind = ("access" if isinstance(err, AccessError) else
+                "transient" if isinstance(err, TransientError) else
+                "spec" if isinstance(err, SpecError) else "data")
+        self.problem(where, str(err), kind)
+
+    def has(self, where: str) -> bool:
+        return any(p["where"] == where for p in self.problems)
+
+    def failure(self, prefix: str) -> PreflightFailed:
+        """One-line error for the problems found; exit 2, or 3 when all are access problems,
+        or 75 when they are access/transient with at least one transient."""
+        kinds = {p["kind"] for p in self.problems}
+        one = self.problems[0] if len(self.problems) == 1 else None
+        text = (f"{one['where']}: {one['message']}" if one else
+                f"{len(self.problems)} problems: "
+                + "; ".join(f"{p['where']}: {p['message']}" for p in self.problems))
+        err = PreflightFailed(f"{prefix}{text}".replace("\n", " "))
+        err.exit_code = (EXIT_ACCESS if kinds == {"access"} else
+                         EXIT_RETRY if kinds <= {"access", "transient"} else EXIT_SPEC)
+        return err
 
 
 def probe_output(uri: str) -> str:
@@ -52,8 +92,8 @@ def probe_output(uri: str) -> str:
     if scheme == "file" and Path(key).exists() and not Path(key).is_dir():
         raise AccessError(f"output.uri: {uri} is a file, not a directory")
     if scheme == "hf":
-        raise AccessError(f"output.uri: {uri}: the Hub is not an output location; use "
-                          "output.push_to_hub: org/name and a bucket or path for output.uri")
+        raise SpecError(f"output.uri: {uri}: the Hub is not an output location; use "
+                        "output.push_to_hub: org/name and a bucket or path for output.uri")
     probe = storage.join(uri, f".sft-job-probe-{uuid.uuid4().hex[:8]}")
     storage.write_text(probe, "probe")
     storage.delete_prefix(probe)
@@ -81,31 +121,60 @@ def _probe_input(uri: str, label: str, rep: Report) -> None:
         rep.facts.setdefault("credentials", {})[label] = storage.probe(uri, write=False) \
             if storage.exists(uri) else credential_source(uri)
     except SftJobError as e:
-        rep.problem(label, str(e), "access" if isinstance(e, AccessError) else "data")
+        rep.error(label, e)
+
+
+def fast_checks(spec: JobSpec, workdir: Path | None = None, probe_out: bool = True) -> Report:
+    """The cheap checks, in seconds and without torch, a tokenizer or model weights: spec
+    combinations, storage access (a write probe of output.uri when `probe_out`), the base
+    model's files, and every data row read and checked against its format. `sft-job run`
+    calls this first; raises PreflightFailed (exit 2/3/75) naming every problem on one line.
+    Downloads go under `workdir` (a temporary folder, removed, when None)."""
+    rep = Report()
+    storage.configure(spec.output.s3_endpoint_url)
+    work = workdir or Path(tempfile.mkdtemp(prefix="sft-job-check-"))
+    try:
+        _cheap_pass(spec, rep, work, probe_out)
+    finally:
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if rep.problems:
+        raise rep.failure("")
+    return rep
 
 
 def preflight(spec: JobSpec, samples: int = 2, json_out: Path | None = None) -> Report:
-    """Run every check; print a report; raise PreflightFailed when the job would fail."""
+    """Run every check; print a report; raise PreflightFailed when the job would fail. The
+    full pass (tokenizer, tokens, samples, memory) runs only when the cheap pass found nothing."""
     rep = Report()
     storage.configure(spec.output.s3_endpoint_url)
     rep.facts["spec_hash"] = spec.run_hash()
-    _check_spec(spec, rep)
-    _check_storage(spec, rep)
-    tok = _tokenizer(spec, rep)
-    if tok is not None:
-        _check_data(spec, tok, samples, rep)
-    _estimate_memory(spec, rep)
+    work = Path(tempfile.mkdtemp(prefix="sft-job-validate-"))
+    try:
+        _cheap_pass(spec, rep, work, probe_out=True)
+        if rep.problems:
+            rep.skipped = list(FULL_PASS)
+        else:
+            tok = _tokenizer(spec, rep)
+            if tok is not None:
+                _check_tokens(spec, tok, samples, rep, work)
+            _estimate_memory(spec, rep)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     _print(rep)
     if json_out:
         json_out.write_text(json.dumps({"ok": not rep.problems, **rep.__dict__}, indent=2,
                                        default=str))
     if rep.problems:
-        access_only = all(p["kind"] == "access" for p in rep.problems)
-        err = PreflightFailed(f"validate: {len(rep.problems)} problem(s), the job would fail: "
-                              + "; ".join(f"{p['where']}: {p['message']}" for p in rep.problems))
-        err.exit_code = EXIT_ACCESS if access_only else EXIT_SPEC
-        raise err
+        raise rep.failure("validate: the job would fail: ")
     return rep
+
+
+def _cheap_pass(spec: JobSpec, rep: Report, work: Path, probe_out: bool) -> None:
+    _check_spec(spec, rep)
+    _check_storage(spec, rep, probe_out)
+    _check_model_files(spec, rep)
+    _scan_data(spec, rep, work)
 
 
 def _check_spec(spec: JobSpec, rep: Report) -> None:
@@ -126,18 +195,101 @@ def _check_spec(spec: JobSpec, rep: Report) -> None:
 
         if importlib.util.find_spec("bitsandbytes") is None:
             rep.problem("method.kind", "qlora needs bitsandbytes (pip install sft-job[qlora])")
+    if spec.deepspeed.endswith(".json"):
+        from sft_job.train.deepspeed import config
+
+        try:
+            config(spec)  # exists, parses, agrees with the spec
+        except SftJobError as e:
+            rep.error("deepspeed", e)
 
 
-def _check_storage(spec: JobSpec, rep: Report) -> None:
+def _check_storage(spec: JobSpec, rep: Report, probe_out: bool = True) -> None:
     _probe_input(spec.data.train, "data.train", rep)
     if spec.data.eval:
         _probe_input(spec.data.eval, "data.eval", rep)
-    if spec.model.base.startswith(("s3://", "gs://")):
-        _probe_input(spec.model.base, "model.base", rep)
+    for label, uri in (("model.base", spec.model.base), ("model.tokenizer", spec.model.tokenizer)):
+        if uri and uri.startswith(("s3://", "gs://")):
+            _probe_input(uri, label, rep)
+    if not probe_out:
+        return
     try:
         rep.facts.setdefault("credentials", {})["output.uri"] = probe_output(spec.output.uri)
     except SftJobError as e:
-        rep.problem("output.uri", str(e), "access" if isinstance(e, AccessError) else "spec")
+        rep.error("output.uri", e)
+
+
+def _check_model_files(spec: JobSpec, rep: Report) -> None:
+    """The base model's folder or prefix holds a config and weights (no download)."""
+    from sft_job.models.load import check_model_dir
+
+    base = spec.model.base
+    if rep.has("model.base"):
+        return
+    try:
+        if base.startswith("builtin:"):
+            if base not in BUILTIN_MODELS:
+                raise SpecError(f"unknown builtin model '{base}' (choose "
+                                f"{', '.join(BUILTIN_MODELS)})")
+        elif base.startswith(("s3://", "gs://")):
+            _check_bucket_model(base)
+        elif "://" in base and not base.startswith(("file://", "hf://")):
+            raise SpecError(f"{base}: unsupported URI scheme '{base.split('://')[0]}://' "
+                            "(use a Hub id, a path, file://, s3:// or gs://)")
+        elif base.startswith(("file://", "/", ".", "~")) or Path(base).expanduser().exists():
+            path = Path(base.removeprefix("file://")).expanduser()
+            if not path.is_dir():
+                raise SpecError(f"{base}: no such model directory")
+            check_model_dir(path, base)
+        # else a Hub id: the full pass loads its tokenizer
+    except SftJobError as e:
+        rep.error("model.base", e)
+
+
+def _check_bucket_model(uri: str) -> list[str]:
+    """The keys of a bucket model prefix, after checking it has a config and weights."""
+    from sft_job.errors import ModelError
+
+    keys = storage.list_keys(uri)
+    if not keys:
+        raise AccessError(f"{uri}: empty or missing model prefix")
+    if "config.json" not in keys:
+        raise ModelError(f"{uri}: no config.json; is it a saved model folder?")
+    if not any(k.endswith((".safetensors", ".bin")) for k in keys):
+        raise ModelError(f"{uri}: no weights (*.safetensors or *.bin); was the upload incomplete?")
+    return keys
+
+
+def _scan_data(spec: JobSpec, rep: Report, work: Path) -> None:
+    """Read every row of data.train (and data.eval, in train's format) and check it against
+    its format; tokenizer-free (chat rows are checked with plain ChatML)."""
+    from sft_job.data import prepare
+
+    relaxed = spec.data.model_copy(update={"on_malformed": "skip"})
+    fmt = None
+    for label, uri in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
+        if uri is None or rep.has(label):
+            continue
+        try:
+            prep = prepare(uri, relaxed, None, work / label, fmt=fmt)
+        except SftJobError as e:
+            rep.error(label, e)
+            continue
+        fmt = fmt or prep.format
+        rep.facts["data" if label == "data.train" else "eval_data"] = {
+            "format": prep.format,
+            "files": [str(f) for f in prep.files],
+            "rows": len(prep.examples) + len(prep.malformed),
+            "usable": len(prep.examples),
+            "malformed": len(prep.malformed),
+            "malformed_examples": [f"{m.source}: {m.reason}" for m in prep.malformed[:5]],
+            "empty_responses": prep.empty_responses,
+            "duplicates": prep.duplicates,
+        }
+        if prep.malformed and spec.data.on_malformed == "fail":
+            m = prep.malformed[0]
+            rep.problem(label, f"{len(prep.malformed)} malformed row(s), first {m.source}: "
+                        f"{m.reason} (fix them or set data.on_malformed: skip)", "data")
 
 
 def _tokenizer(spec: JobSpec, rep: Report) -> Any:
@@ -152,7 +304,7 @@ def _tokenizer(spec: JobSpec, rep: Report) -> Any:
         elif base.startswith(("s3://", "gs://")):
             src = _fetch_tokenizer_files(base)
         elif "://" in base and not base.startswith(("file://", "hf://")):
-            raise AccessError(f"unsupported model URI {base}")
+            raise SpecError(f"unsupported model URI {base}")
         elif Path(base.removeprefix("file://")).expanduser().exists():
             src = Path(base.removeprefix("file://")).expanduser()
             check_model_dir(src, base)
@@ -160,7 +312,7 @@ def _tokenizer(spec: JobSpec, rep: Report) -> Any:
             src = Path(base.removeprefix("hf://"))  # a Hub id: the tokenizer files only
         return load_tokenizer(spec.model, src, need_chat_template=False)
     except SftJobError as e:
-        rep.problem("model.base", str(e), "access" if isinstance(e, AccessError) else "model")
+        rep.error("model.base", e)
     except OSError as e:
         rep.problem("model.base", f"cannot load the tokenizer of {base}: "
                     f"{str(e).splitlines()[0]}", "access")
@@ -170,15 +322,7 @@ def _tokenizer(spec: JobSpec, rep: Report) -> Any:
 def _fetch_tokenizer_files(uri: str) -> Path:
     """Download only the tokenizer and config of a bucket model (not the weights), and check
     the listing has weights."""
-    from sft_job.errors import ModelError
-
-    keys = storage.list_keys(uri)
-    if not keys:
-        raise AccessError(f"{uri}: empty or missing model prefix")
-    if "config.json" not in keys:
-        raise ModelError(f"{uri}: no config.json; is it a saved model folder?")
-    if not any(k.endswith((".safetensors", ".bin")) for k in keys):
-        raise ModelError(f"{uri}: no weights (*.safetensors or *.bin); was the upload incomplete?")
+    keys = _check_bucket_model(uri)
     dest = Path(tempfile.mkdtemp(prefix="sft-job-tok-"))
     for k in keys:
         if k in TOKENIZER_FILES:
@@ -186,31 +330,23 @@ def _fetch_tokenizer_files(uri: str) -> Path:
     return dest
 
 
-def _check_data(spec: JobSpec, tok: Any, n_samples: int, rep: Report) -> None:
-    from sft_job.data import prepare, split
+def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Path) -> None:
+    """Token lengths, truncation, packing efficiency and samples, with the real tokenizer."""
+    from sft_job.data import all_truncated, prepare, split
+    from sft_job.data.formats import CHATML_TEMPLATE
     from sft_job.data.tokenize import slot_efficiency, tokenize_all
 
-    work = Path(tempfile.mkdtemp(prefix="sft-job-validate-"))
+    d = rep.facts["data"]
+    if d["format"] == "chat" and not getattr(tok, "chat_template", None):
+        rep.warnings.append("the tokenizer has no chat template: chat rows are rendered with "
+                            "ChatML (set model.chat_template to choose another)")
+        tok.chat_template = CHATML_TEMPLATE
     relaxed = spec.data.model_copy(update={"on_malformed": "skip"})
     try:
-        prep = prepare(spec.data.train, relaxed, tok, work)
+        prep = prepare(spec.data.train, relaxed, tok, work / "data.train", fmt=d["format"])
     except SftJobError as e:
-        rep.problem("data.train", str(e), "data")
+        rep.error("data.train", e)
         return
-    d = rep.facts["data"] = {
-        "format": prep.format,
-        "files": [str(f) for f in prep.files],
-        "rows": len(prep.examples) + len(prep.malformed),
-        "usable": len(prep.examples),
-        "malformed": len(prep.malformed),
-        "malformed_examples": [f"{m.source}: {m.reason}" for m in prep.malformed[:5]],
-        "empty_responses": prep.empty_responses,
-        "duplicates": prep.duplicates,
-    }
-    if prep.malformed and spec.data.on_malformed == "fail":
-        m = prep.malformed[0]
-        rep.problem("data.train", f"{len(prep.malformed)} malformed row(s), first {m.source}: "
-                    f"{m.reason} (fix them or set data.on_malformed: skip)", "data")
     train_ex, _ = split(prep.examples, spec.data.eval_fraction, spec.data.seed) \
         if spec.data.eval_fraction and len(prep.examples) > 1 else (prep.examples, [])
     rows, st = tokenize_all(train_ex, tok, spec.data.max_length)
@@ -226,16 +362,18 @@ def _check_data(spec: JobSpec, tok: Any, n_samples: int, rep: Report) -> None:
                     f"{spec.data.max_length} tokens: nothing to train on; raise data.max_length",
                     "data")
         return
+    cut = all_truncated(st, prep.format, spec.data.max_length)
+    if cut:
+        rep.problem("data.max_length", cut, "data")
     bs, ml = spec.train.batch_size, spec.data.max_length
     d["efficiency"] = {m: round(slot_efficiency(st.lengths, bs, ml, m), 4)
                        for m in ("packed", "longest", "max")}
     d["samples"] = [_render(r, tok) for r in rows[:n_samples]]
     eos = tok.eos_token_id
-    bad_eos = [ex.source for ex, r in zip(train_ex, rows, strict=False)
-               if r["labels"][-1] != eos and len(r["input_ids"]) < ml]
+    bad_eos = sum(1 for r in rows if r["labels"][-1] != eos and len(r["input_ids"]) < ml)
     if bad_eos:
-        rep.problem("data", f"{len(bad_eos)} row(s) do not end with a trained EOS "
-                    f"(first {bad_eos[0]}); the model would not learn to stop")
+        rep.problem("data", f"{bad_eos} row(s) do not end with a trained EOS; the model would "
+                    "not learn to stop")
 
 
 def _render(row: dict[str, list[int]], tok: Any) -> dict[str, Any]:
@@ -284,12 +422,16 @@ def _print(rep: Report) -> None:
     print("sft-job validate", file=out)
     for k, v in rep.facts.get("credentials", {}).items():
         print(f"  access   {k}: ok ({v})", file=out)
-    if d:
-        print(f"  data     {d['format']} format, {d['rows']} rows, {d['usable']} usable, "
-              f"{d['malformed']} malformed, {d['empty_responses']} empty responses, "
-              f"{d['duplicates']} duplicates", file=out)
-        for m in d["malformed_examples"]:
+    for label, section in (("data", d), ("eval", rep.facts.get("eval_data", {}))):
+        if not section:
+            continue
+        print(f"  {label:<8} {section['format']} format, {section['rows']} rows, "
+              f"{section['usable']} usable, {section['malformed']} malformed, "
+              f"{section['empty_responses']} empty responses, {section['duplicates']} "
+              "duplicates", file=out)
+        for m in section["malformed_examples"]:
             print(f"           malformed {m}", file=out)
+    if d:
         if "tokens" in d:
             t = d["tokens"]
             print(f"  tokens   min {t['min']} / median {t['median']} / p95 {t['p95']} / max "
@@ -308,6 +450,8 @@ def _print(rep: Report) -> None:
         print(f"  memory   ~{mem['total_gb']:.2f} GB per device ({mem['breakdown_gb']})", file=out)
     for w in rep.warnings:
         print(f"  warning  {w}", file=out)
+    if rep.skipped:
+        print(f"  skipped  {', '.join(rep.skipped)}: fix the problems below first", file=out)
     for p in rep.problems:
         print(f"  PROBLEM  {p['where']}: {p['message']}", file=out)
     print("  result   " + ("OK: the job would run" if not rep.problems
