@@ -236,14 +236,15 @@ class FaultProxy:
     seed: int = 0
     url: str = ""
     stats: dict[str, int] = field(default_factory=lambda: {
-        "requests": 0, "error": 0, "drop": 0, "corrupt": 0, "deny": 0})
+        "requests": 0, "error": 0, "drop": 0, "lose": 0, "corrupt": 0, "deny": 0})
     _forced: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _rng: random.Random = field(default_factory=random.Random)
 
     def fail_next(self, n: int, kind: str = "error") -> None:
-        """Make the next `n` matching requests fail with `kind`: error (503) | drop |
-        corrupt | deny (403 AccessDenied)."""
+        """Make the next `n` matching requests fail with `kind`: error (503) | drop (hang up
+        before forwarding) | lose (forward, then hang up: the answer is lost) | corrupt |
+        deny (403 AccessDenied)."""
         with self._lock:
             self._forced.extend([kind] * n)
 
@@ -335,6 +336,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         status, headers, data, length = _forward(self.proxy.upstream, self.command, self.path,
                                                  self.headers.items(), body)
+        if fault == "lose":  # the server did the work, the client never hears of it
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if fault == "corrupt" and self.command == "GET" and data and 200 <= status < 300:
             data = _flip(data)
         self._reply(status, headers, data, length)

@@ -17,6 +17,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +228,10 @@ class S3Store:
 
     def _upload(self, pairs: list[tuple[Path, str]], desc: str) -> None:
         total = sum(p.stat().st_size for p, _ in pairs)
-        with Progress(total, desc) as progress:
+        # The local ETags are computed while the bytes travel, so verifying costs a HEAD.
+        with Progress(total, desc) as progress, ThreadPoolExecutor(2) as hasher:
+            expected = {p: hasher.submit(_expected_etag, p) for p, _ in pairs}
+
             def transfer(batch: list[tuple[Path, str]]) -> None:
                 with self._manager() as tm:
                     futures = [tm.upload(str(p), self.bucket, k, subscribers=[_Sub(progress)])
@@ -235,7 +239,8 @@ class S3Store:
                     for f in futures:
                         f.result()
 
-            transfer_verified(pairs, transfer, lambda pk: self._verify(pk[0], pk[1]),
+            transfer_verified(pairs, transfer,
+                              lambda pk: self._verify(pk[0], pk[1], local=expected[pk[0]]),
                               lambda pk: self._uri(pk[1]))
 
     def _download(self, items: list[tuple[Path, str, int, str]], desc: str) -> None:
@@ -259,8 +264,10 @@ class S3Store:
                 lambda i: self._verify(i[0], i[1], {"ContentLength": i[2], "ETag": i[3]}),
                 lambda i: self._uri(i[1]))
 
-    def _verify(self, path: Path, key: str, head: dict[str, Any] | None = None) -> None:
-        """Raise ChecksumError unless the local file matches the object's size and ETag."""
+    def _verify(self, path: Path, key: str, head: dict[str, Any] | None = None,
+                local: Future[str] | None = None) -> None:
+        """Raise ChecksumError unless the local file matches the object's size and ETag.
+        `local`: the ETag this file gets with our part size, computed ahead."""
         head = head or self.client.head_object(Bucket=self.bucket, Key=key)
         if not path.is_file():
             raise ChecksumError(f"{self._uri(key)}: missing after the transfer")
@@ -271,13 +278,15 @@ class S3Store:
         if _etag_not_md5(head):
             return  # SSE-KMS / SSE-C: the ETag is no MD5; per-request CRC32s still apply
         etag = head["ETag"].strip('"')
+        if local is not None and local.result() == etag:
+            return
         part = None
         if "-" in etag:  # multipart: the part size is whatever the uploader used
             part = self.client.head_object(Bucket=self.bucket, Key=key,
                                            PartNumber=1)["ContentLength"]
-        local = s3_etag(path, part)
-        if local != etag:
-            raise ChecksumError(f"{self._uri(key)}: ETag {etag} in S3, {local} locally")
+        mine = s3_etag(path, part)
+        if mine != etag:
+            raise ChecksumError(f"{self._uri(key)}: ETag {etag} in S3, {mine} locally")
 
     @contextlib.contextmanager
     def _errors(self, key: str) -> Iterator[None]:
@@ -304,6 +313,16 @@ class _Sub:
 
     def on_queued(self, future: Any, **kwargs: Any) -> None: ...
     def on_done(self, future: Any, **kwargs: Any) -> None: ...
+
+
+def _expected_etag(path: Path) -> str:
+    """The ETag s3transfer's upload of `path` will get (same threshold and part size)."""
+    from s3transfer.utils import ChunksizeAdjuster
+
+    size = path.stat().st_size
+    if size < MULTIPART_THRESHOLD:
+        return s3_etag(path)
+    return s3_etag(path, ChunksizeAdjuster().adjust_chunksize(MULTIPART_CHUNK, size))
 
 
 def _etag_not_md5(head: dict[str, Any]) -> bool:

@@ -54,6 +54,19 @@ def test_survives_503s_and_dropped_connections(proxied: tuple[str, str, FaultPro
     assert proxy.stats["error"] >= 1 and proxy.stats["drop"] >= 1, proxy.stats
 
 
+def test_lost_answers_are_retried(proxied: tuple[str, str, FaultProxy], small: Path,
+                                  tmp_path: Path) -> None:
+    """The server stored the object but the answer never came back: the retry must converge."""
+    kind, uri, proxy = proxied
+    proxy.match = OBJECT_PUT[kind].format(b=_bucket(uri)) + "|^POST /upload/"
+    proxy.fail_next(2, "lose")
+    storage.put_dir(small, join(uri, "ck"))
+    assert proxy.stats["lose"] == 2
+    got = tree(storage.get_dir(join(uri, "ck"), tmp_path / "out"))
+    got.pop("COMMITTED")
+    assert got == tree(small)
+
+
 def test_persistent_outage_is_transient(proxied: tuple[str, str, FaultProxy], small: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     _, uri, proxy = proxied
