@@ -239,8 +239,17 @@ def combination_problems(spec: JobSpec) -> list[str]:
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def interpolate_env(text: str, source: str) -> str:
-    """Replace `${VAR}` and `${VAR:-default}`; an unset variable without default is an error."""
+def interpolate_env(value: Any, source: str, path: str = "") -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` inside the string values of a parsed spec (not in
+    its text: a value with '#' stays whole and a comment never needs a variable). An unset
+    variable without default is an error naming the field."""
+    if isinstance(value, dict):
+        return {k: interpolate_env(v, source, f"{path}.{k}" if path else str(k))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate_env(v, source, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
     missing: list[str] = []
 
     def sub(m: re.Match[str]) -> str:
@@ -252,10 +261,11 @@ def interpolate_env(text: str, source: str) -> str:
             return ""
         return val
 
-    out = _ENV_RE.sub(sub, text)
+    out = _ENV_RE.sub(sub, value)
     if missing:
-        raise SpecError(f"{source}: environment variable(s) {', '.join(sorted(set(missing)))} "
-                        "not set (use ${VAR:-default} for optional ones)")
+        raise SpecError(f"{source}: {path}: environment variable(s) "
+                        f"{', '.join(sorted(set(missing)))} not set "
+                        "(use ${VAR:-default} for optional ones)")
     return out
 
 
@@ -282,9 +292,18 @@ def apply_override(doc: dict[str, Any], assignment: str) -> None:
 
 def parse_spec(text: str, source: str, overrides: list[str] | None = None) -> JobSpec:
     """Parse YAML text into a validated JobSpec, or raise SpecError listing every problem."""
-    text = interpolate_env(text, source)
+    # ${VAR} is held as a plain placeholder while parsing (so it may stand anywhere a scalar can,
+    # flow style included) and substituted into the parsed values afterwards (so a value with
+    # '#' stays whole, and a ${VAR} in a comment is never needed)
+    held: dict[str, str] = {}
+
+    def hold(m: re.Match[str]) -> str:
+        key = f"__sft_job_env_{len(held)}__"
+        held[key] = m.group(0)
+        return key
+
     try:
-        doc = yaml.safe_load(text)
+        doc = _restore(yaml.safe_load(_ENV_RE.sub(hold, text)), held)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -294,12 +313,24 @@ def parse_spec(text: str, source: str, overrides: list[str] | None = None) -> Jo
         doc = {}
     if not isinstance(doc, dict):
         raise SpecError(f"{source}: a job spec is a YAML mapping, got {type(doc).__name__}")
+    doc = interpolate_env(doc, source)
     for o in overrides or []:
         apply_override(doc, o)
     try:
         return JobSpec.model_validate(doc)
     except ValidationError as e:
         raise SpecError(f"{source}: " + format_validation_error(e)) from None
+
+
+def _restore(value: Any, held: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _restore(v, held) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restore(v, held) for v in value]
+    if isinstance(value, str) and "__sft_job_env_" in value:
+        for key, original in held.items():
+            value = value.replace(key, original)
+    return value
 
 
 def format_validation_error(e: ValidationError) -> str:

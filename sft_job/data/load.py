@@ -164,13 +164,13 @@ def _read_jsonl(path: Path) -> Iterator[Record | Malformed]:
 
 
 def _read_json(path: Path, head: bytes) -> Iterator[Record | Malformed]:
-    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{") and b"\n{" in path.read_bytes()[:65536]:
-        yield from _read_jsonl(path)  # JSON Lines saved as .json
-        return
     text = _decode(path.read_bytes(), path, "1")
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
+        if text.lstrip().startswith("{") and "\n{" in text[:65536]:
+            yield from _read_jsonl(path)  # JSON Lines saved as .json
+            return
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
                         "a JSON file must hold one array of objects (or use .jsonl)") from None
     if isinstance(doc, dict):

@@ -164,6 +164,10 @@ class PackedCollator:
         batch = self._inner(examples)
         if not self.flatten:
             batch.pop("attention_mask", None)
+            # the first token of a packed sample would be "predicted" from the previous
+            # sample's last token: never train across the boundary (TRL's flattened path does
+            # the same)
+            batch["labels"][batch["position_ids"] == 0] = -100
         return batch
 
 

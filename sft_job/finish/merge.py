@@ -94,7 +94,13 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer: A
                 if mod is not None:
                     a, b = deltas[mod]
                     delta = (b.float() @ a.float()) * scale
-                    t = (t.float() + (delta.T if fifo else delta)).to(t.dtype)
+                    delta = delta.T if fifo else delta
+                    if delta.shape != t.shape:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        raise ModelError(f"merge: adapter module {mod} has shape "
+                                         f"{tuple(delta.shape)} but the base weight {k} is "
+                                         f"{tuple(t.shape)}; is the adapter for this base model?")
+                    t = (t.float() + delta).to(t.dtype)
                     done.add(mod)
                 tensors[k] = t.contiguous()
         save_file(tensors, str(tmp / shard), metadata=meta or {"format": "pt"})
@@ -105,7 +111,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer: A
         raise ModelError(f"merge: {len(missing)} adapter module(s) not found in the base weights "
                          f"(e.g. {sorted(missing)[0]}); is the adapter for this base model?")
     for f in base_dir.iterdir():
-        if f.is_file() and not f.name.startswith(_COPY_SKIP):
+        if f.is_file() and f.name not in shards and not f.name.startswith(_COPY_SKIP):
             shutil.copyfile(f, tmp / f.name)
     if index is not None:
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

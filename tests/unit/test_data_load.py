@@ -61,8 +61,6 @@ def test_json_object_holding_one_list(tmp_path: Path) -> None:
     assert rows_of(path) == ROWS
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a .json object whose list has one row per line "
-                   "contains '\\n{' and is read as JSON Lines (load.py _read_json)")
 def test_json_object_with_one_row_per_line(tmp_path: Path) -> None:
     path = tmp_path / "d.json"
     path.write_text('{"data": [\n' + ",\n".join(json.dumps(r) for r in ROWS) + "\n]}\n")

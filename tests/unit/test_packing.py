@@ -111,10 +111,7 @@ def test_packed_loss_equals_one_by_one_loss(model: Any, masked_rows: list, tok: 
 
 
 @pytest.mark.parametrize("flatten", [
-    pytest.param(False, id="rows", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: PackedCollator(flatten=False) keeps the label of each packed sample's first token, "
-        "so the previous sample's last position is trained to predict it (cross-sample loss); "
-        "TRL's padding-free path sets labels[position_ids == 0] = -100"))),
+    pytest.param(False, id="rows"),
     pytest.param(True, id="flattened"),
 ])
 def test_packed_loss_equals_one_by_one_when_every_token_is_trained(

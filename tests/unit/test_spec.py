@@ -82,16 +82,12 @@ def test_missing_env_var_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "SFT_T_MISSING_A, SFT_T_MISSING_B" in msg  # both, sorted, once each
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ${VAR} is substituted into the YAML text before "
-                   "parsing, so a value holding ' #' is cut at the '#' as a YAML comment")
 def test_env_value_is_taken_verbatim(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SFT_T_OUT", "/data/run #3")
     text = yaml.safe_dump(doc()).replace("uri: /tmp/out", "uri: ${SFT_T_OUT}")
     assert parse_spec(text, "job.yaml").output.uri == "/data/run #3"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ${VAR} in a YAML comment is interpolated too, so a "
-                   "comment mentioning an unset variable fails the spec")
 def test_env_var_in_a_comment_is_not_required(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SFT_T_UNSET", raising=False)
     parse_spec("# set ${SFT_T_UNSET} to your bucket\n" + yaml.safe_dump(doc()), "job.yaml")
