@@ -308,6 +308,9 @@ def parse_spec(text: str, source: str, overrides: list[str] | None = None) -> Jo
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if ctx and ctx_mark and mark and ctx_mark.line != mark.line:
+            problem += f" ({ctx} at line {ctx_mark.line + 1})"
         raise SpecError(f"{where}: invalid YAML: {problem}") from None
     if doc is None:
         doc = {}
