@@ -178,6 +178,7 @@ resource "google_container_cluster" "this" {
   # The pools below scale from zero: the cluster autoscaler adds a GPU or TPU node when a job
   # pod is pending and removes it when idle.
   cluster_autoscaling {
+    enabled             = false # no node auto-provisioning: the pools below are the shapes
     autoscaling_profile = "OPTIMIZE_UTILIZATION"
   }
 

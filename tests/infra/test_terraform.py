@@ -17,31 +17,34 @@ from typing import Any
 import pytest
 from tf_helpers import (
     BUCKET,
-    CONVENTION_KSA,
-    CONVENTION_TPU,
-    MACHINES,
     MIRROR,
     OIDC_ARN,
     REPO,
     TERRAFORM,
     TF_ROOT,
     AwsStack,
-    K8sNeeds,
-    allocatable,
     evaluate_gcp_locals,
-    k8s_needs,
     load_hcl,
     one,
-    quantity,
     terraform,
     tf_env,
     tool,
 )
+from tf_k8s import GPU_SELECTOR as GPU
+from tf_k8s import (
+    MACHINES,
+    K8sNeeds,
+    allocatable,
+    expected_ksa,
+    expected_tpu,
+    k8s_needs,
+    pool_for,
+    quantity,
+)
+from tf_k8s import TPU_SELECTOR as TPU
 
 needs_terraform = pytest.mark.skipif(TERRAFORM is None, reason="terraform is not installed")
 GCP_TFVARS = 'project_id = "my-proj-123"\nmaster_authorized_networks = { ci = "10.0.0.0/8" }\n'
-TPU_SELECTOR = "cloud.google.com/gke-tpu-topology"
-GPU_SELECTOR = "cloud.google.com/gke-accelerator"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,35 +122,6 @@ def needs() -> K8sNeeds | None:
     return k8s_needs()
 
 
-def expected_ksa(needs: K8sNeeds | None) -> tuple[str, str]:
-    """(namespace, name) of the job's ServiceAccount: from k8s/, else from common.md."""
-    if needs is None:
-        return CONVENTION_KSA
-    assert needs.pod_service_accounts, "k8s/ exists but no pod template names a serviceAccountName"
-    assert len(needs.pod_service_accounts) == 1, needs.pod_service_accounts
-    (name,) = needs.pod_service_accounts
-    namespaces = {ns for ns, sa in needs.service_accounts if sa == name}
-    assert len(namespaces) == 1, f"k8s/ ServiceAccount {name}: namespaces {namespaces}"
-    return namespaces.pop(), name
-
-
-def expected_tpu(needs: K8sNeeds | None) -> list[dict[str, Any]]:
-    """TPU slice shapes k8s/ schedules: topology, chips per pod, pods per slice."""
-    if needs is None:
-        return CONVENTION_TPU
-    shapes = []
-    for pod in needs.pods:
-        if TPU_SELECTOR in pod.node_selector:
-            assert pod.node_selector.get("cloud.google.com/gke-tpu-accelerator") == \
-                "tpu-v5-lite-podslice", pod
-            shape = {"topology": pod.node_selector[TPU_SELECTOR],
-                     "chips": int(pod.limits["google.com/tpu"]), "pods": pod.pods}
-            if shape not in shapes:
-                shapes.append(shape)
-    assert shapes, "k8s/ exists but has no TPU pod template (nodeSelector gke-tpu-topology)"
-    return shapes
-
-
 def test_gcp_cluster_has_workload_identity_and_release_channel(gcp: dict[str, Any]) -> None:
     cluster = gcp["resource"]["google_container_cluster"]["this"]
     assert one(cluster["workload_identity_config"])["workload_pool"] == \
@@ -203,32 +177,14 @@ def test_gcp_tpu_pools_match_k8s(gcp: dict[str, Any], gcp_values: dict[str, Any]
     assert one(tpu["node_config"])["machine_type"] == "${each.value.machine_type}"
 
 
-def _pool_for(pod: Any, values: dict[str, Any]) -> tuple[str, str, float]:
-    """(pool, machine type, storage GiB) of the pool a k8s/ pod template lands on."""
-    sel = pod.node_selector
-    if TPU_SELECTOR in sel:
-        chips = int(pod.limits["google.com/tpu"])
-        for name, p in values["tpu_pools"].items():
-            if p["topology"] == sel[TPU_SELECTOR] and p["chips_per_host"] == chips:
-                return name, p["machine_type"], p["disk_size_gb"] * 1e9 / 2**30
-        pytest.fail(f"{pod.source}: no TPU pool for {sel}")
-    gpus = int(pod.limits.get("nvidia.com/gpu", 0))
-    for name, p in values["gpu_pools"].items():
-        if p["accelerator"] == sel[GPU_SELECTOR] and p["accelerator_count"] >= gpus:
-            disk = p["local_ssd_count"] * 375 if p["local_ssd_count"] else p["disk_size_gb"]
-            return name, p["machine_type"], disk * 1e9 / 2**30
-    pytest.fail(f"{pod.source}: no GPU pool with {sel[GPU_SELECTOR]} x{gpus}: "
-                f"{values['gpu_pools']}")
-
-
 def test_gcp_pools_fit_the_k8s_pods(gcp_values: dict[str, Any], needs: K8sNeeds | None) -> None:
     """Every accelerator pod template of k8s/ has a pool whose nodes can hold it."""
     if needs is None:
         pytest.skip("k8s/ does not exist yet: nothing to fit")
-    accel = [p for p in needs.pods if {TPU_SELECTOR, GPU_SELECTOR} & set(p.node_selector)]
+    accel = [p for p in needs.pods if {TPU, GPU} & set(p.node_selector)]
     assert accel, "k8s/ has no GPU or TPU pod template"
     for pod in accel:
-        pool, machine, storage_gib = _pool_for(pod, gcp_values)
+        pool, machine, storage_gib = pool_for(pod, gcp_values)
         assert machine in MACHINES, f"add {machine}'s shape to tf_helpers.MACHINES"
         cpu, mem = allocatable(machine)
         req = {**pod.limits, **pod.requests}
@@ -303,12 +259,17 @@ def test_gcp_variables_reject_bad_shapes(tmp_path: Path, tfvars: str, message: s
     assert message in " ".join((proc.stdout + proc.stderr).split()), proc.stderr
 
 
+def test_gcp_cluster_is_zonal_by_default(gcp_values: dict[str, Any]) -> None:
+    assert gcp_values["location"] == "us-central1-a"
+
+
 @needs_terraform
 def test_gcp_regional_cluster_and_multi_slice_pools(tmp_path: Path) -> None:
-    proc, values = evaluate_gcp_locals(tmp_path, GCP_TFVARS + (
+    proc, values = evaluate_gcp_locals(tmp_path, GCP_TFVARS + 'location_type = "regional"\n' + (
         'tpu_pools = {\n  a = { machine_type = "ct5lp-hightpu-8t", topology = "2x4", max_slices = 3 }\n'
         '  b = { machine_type = "ct5lp-hightpu-4t", topology = "8x8" }\n}\n'))
     assert proc.returncode == 0, proc.stderr
+    assert values["location"] == "us-central1"
     assert values["tpu_pools"]["a"] | {"disk_size_gb": 0} == {
         "machine_type": "ct5lp-hightpu-8t", "topology": "2x4", "chips_per_host": 8, "hosts": 1,
         "multi_host": False, "max_nodes": 3, "disk_size_gb": 0}
