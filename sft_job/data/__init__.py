@@ -55,7 +55,7 @@ def prepare(uri: str, spec: DataSpec, tokenizer: Any | None, workdir: Path,
     rows = [r.row for r in result.records[:20]]
     if fmt is None:
         if spec.format == "auto":
-            fmt = formats.detect(rows, spec) if rows else "text"
+            fmt = formats.detect(rows, spec, source=uri) if rows else "text"
         else:
             fmt = spec.format
             formats.check_fields(fmt, rows, spec, uri)

@@ -47,7 +47,7 @@ class PlainChatML:
     chat_template = CHATML_TEMPLATE
 
     def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
-                            add_generation_prompt: bool = False) -> str:
+                            add_generation_prompt: bool = False, chat_template: Any = None) -> str:
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
@@ -63,7 +63,7 @@ class Example:
     source: str
 
 
-def detect(rows: list[dict[str, Any]], spec: DataSpec) -> str:
+def detect(rows: list[dict[str, Any]], spec: DataSpec, source: str = "") -> str:
     """Guess the format from the fields of the first rows (the most common per-row guess, so a
     single broken row is reported as malformed rather than hiding the format)."""
     if not rows:
@@ -76,7 +76,8 @@ def detect(rows: list[dict[str, Any]], spec: DataSpec) -> str:
     if votes:
         return max(votes, key=lambda f: votes[f])
     raise DataError(
-        f"cannot detect the data format from fields {sorted(rows[0])}: expected "
+        f"{source + ': ' if source else ''}cannot detect the data format from fields "
+        f"{sorted(rows[0])}: expected "
         f"'{spec.messages_field}' (chat), instruction/input/output (alpaca), "
         f"'{spec.prompt_field}'/'{spec.response_field}' (prompt-response) or "
         f"'{spec.text_field}' (text); set data.format and the field names"
