@@ -476,6 +476,23 @@ def test_aws_registry_and_outputs(aws_stack: AwsStack) -> None:
         "DATA_BUCKET": f"s3://{BUCKET}/data/", "RUNS_BUCKET": f"s3://{BUCKET}/runs/"}
 
 
+def test_aws_outputs_reach_make(aws_stack: AwsStack, tmp_path: Path) -> None:
+    """What `make tf-settings` does (terraform output | settings.py), then make reads the file
+    as mk/cluster.mk does for `make submit-*`."""
+    out = terraform(["output", "-json", "settings"], aws_stack.work, aws_stack.env).stdout
+    settings_file = tmp_path / "cluster.local.env"
+    settings_file.write_text("TAG=mine\n")
+    subprocess.run(["python3", str(TF_ROOT / "settings.py"), str(settings_file)], input=out,
+                   text=True, check=True, capture_output=True)
+    probe = "_tf_probe: ; @echo $(REGISTRY) $(AWS_ROLE_ARN) $(TAG)"
+    proc = subprocess.run(["make", "-s", "-C", str(REPO), "--eval", probe, "_tf_probe",
+                           f"CLUSTER_SETTINGS={settings_file}"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [aws_stack.outputs["registry"], aws_stack.outputs["role_arn"],
+                                   "mine"]
+
+
 def test_aws_destroy_removes_everything(aws_stack: AwsStack) -> None:
     proc = aws_stack.destroy()
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr
