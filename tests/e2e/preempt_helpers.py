@@ -34,6 +34,7 @@ class Job:
     def __init__(self, args: list[str], cache: Path, env: dict[str, str]) -> None:
         self.args = args
         self.lines: list[str] = []
+        self.times: list[float] = []  # time.monotonic() when each stderr line was read
         self._cond = threading.Condition()
         self.proc = subprocess.Popen([sys.executable, "-m", "sft_job", *args], cwd=REPO,
                                      env=cli_env(cache, **env), stdout=subprocess.PIPE,
@@ -49,7 +50,11 @@ class Job:
     def _pump(self, stream: Any, is_err: bool) -> None:
         for line in stream:
             with self._cond:
-                (self.lines if is_err else self._out).append(line.rstrip("\n"))
+                if is_err:
+                    self.lines.append(line.rstrip("\n"))
+                    self.times.append(time.monotonic())
+                else:
+                    self._out.append(line.rstrip("\n"))
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
@@ -89,6 +94,12 @@ class Job:
     def wait_step(self, n: int, timeout: float = 300) -> None:
         """Wait for the log line of optimizer step n (or a later one)."""
         self.wait_for(STEP_LINE, timeout, pred=lambda m: int(m.group(1)) >= n)
+
+    def step_times(self) -> list[tuple[int, float]]:
+        """(step, time the step's log line was read) for every logged optimizer step."""
+        with self._cond:
+            return [(int(m.group(1)), t) for ln, t in zip(self.lines, self.times, strict=True)
+                    if (m := STEP_LINE.search(ln))]
 
     def steps_logged(self) -> list[int]:
         return [int(m.group(1)) for ln in self.stderr.splitlines() if (m := STEP_LINE.search(ln))]

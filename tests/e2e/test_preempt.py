@@ -171,24 +171,27 @@ def test_sigterm_commits_then_rerun_matches_uninterrupted(
 @pytest.mark.slow
 def test_sigkill_anywhere_never_exposes_a_partial_checkpoint(
         s3_env: S3Server, baseline: Baseline, sft_cache: Path, tmp_path: Path) -> None:
+    """Kill 1: a random moment of training. Kill 2: while a checkpoint's files upload (every
+    checkpoint PUT held 1s by the proxy, the kill 1.1-1.7s after the first). Kill 3: after the
+    last checkpoint, while the adapter is merged (before _SUCCESS). Then a rerun finishes."""
     rng = random.Random(20261124)
     prefix = "sigkill"
     c = s3_env.client()
     with recording_proxy(s3_env.url) as (proxy, rec):
         env_of = proxy.env_for(s3_env)
         resume_from = None
-        # Round 1: a random moment during training. Round 2: while a checkpoint's files are
-        # uploading (every checkpoint PUT delayed 1s, the kill 1.1-1.7s after the first one).
-        for round_ in (1, 2):
-            rec.delay_s = 0.0 if round_ == 1 else 1.0
+        for round_ in (1, 2, 3):
+            rec.delay_s = 1.0 if round_ == 2 else 0.0
             started = rec.watch(CKPT_DATA_PUT.format(bucket=BUCKET, prefix=prefix))
             with job(cli_args(prefix), sft_cache, run_env(env_of, tmp_path / f"w{round_}")) as j:
                 if round_ == 1:
                     j.wait_step(rng.randint(2, 8))
                     time.sleep(rng.uniform(0, 0.6))
-                else:
+                elif round_ == 2:
                     assert started.wait(300), j.tail()
                     time.sleep(rec.delay_s + rng.uniform(0.1, 0.7))
+                else:
+                    j.wait_for(r"merging the adapter")
                 j.send(signal.SIGKILL)
                 assert j.wait(60) == -signal.SIGKILL
             if resume_from is not None:
@@ -198,11 +201,13 @@ def test_sigkill_anywhere_never_exposes_a_partial_checkpoint(
             committed, partial = check_checkpoints(c, BUCKET, prefix)
             if round_ == 2:  # the newest folder is the one cut short: readers must skip it
                 assert partial and max(partial) > max(committed, default=0), (committed, partial)
+            if round_ == 3:
+                assert committed[-1] == MAX_STEPS
+                assert "_SUCCESS" not in list_objects(c, BUCKET, prefix)
             assert latest(prefix) == (step_uri(prefix, committed[-1]) if committed else None)
             resume_from = committed[-1] if committed else None
-        rec.delay_s = 0.0
-        assert resume_from, "no checkpoint was committed before the kills"
-        _finish_resumed(s3_env, sft_cache, prefix, tmp_path / "w3", baseline, resume_from,
+        assert resume_from == MAX_STEPS
+        _finish_resumed(s3_env, sft_cache, prefix, tmp_path / "w4", baseline, resume_from,
                         env_of)
     check_checkpoints(c, BUCKET, prefix)
 
@@ -283,31 +288,63 @@ def test_success_marker_means_done(baseline: Baseline, s3: S3Server, sft_cache: 
 
 
 def _guard_copy(s3: S3Server, d: DoubleStop, name: str) -> str:
-    """A copy of the double-stop run's checkpoints (step-000002 committed, no _SUCCESS)."""
+    """A copy of the double-stop run's job.yaml and checkpoints (step-000002 committed, no
+    _SUCCESS)."""
     c = s3.client()
+    c.copy_object(Bucket=BUCKET, Key=f"{name}/job.yaml",
+                  CopySource={"Bucket": BUCKET, "Key": f"{d.prefix}/job.yaml"})
     copy_prefix(c, BUCKET, f"{d.prefix}/checkpoints/step-000002",
                 f"{name}/checkpoints/step-000002")
     return name
 
 
-def _refused(j: Job, rc: int, *needles: str) -> None:
-    assert rc == 2, j.tail()
-    err = j.stderr
-    assert "error:" in err and "--allow-changed" in err, j.tail()
-    for n in needles:
-        assert n in err, f"{n!r} not in:\n{j.tail()}"
+class Refused:
+    def __init__(self, job_: Job, rc: int, prefix: str, yaml_before: bytes,
+                 yaml_after: bytes) -> None:
+        self.job, self.rc, self.prefix = job_, rc, prefix
+        self.yaml_before, self.yaml_after = yaml_before, yaml_after
+
+
+@pytest.fixture(scope="module")
+def refused(double_stop: DoubleStop, s3: S3Server, sft_cache: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Refused:
+    """One rerun for both guards (each start costs ~20s): the learning rate changed, and one
+    data row was edited in place (same size, same row count)."""
+    prefix = _guard_copy(s3, double_stop, "guard-changed")
+    c = s3.client()
+    yaml_before = read(c, BUCKET, f"{prefix}/job.yaml")
+    original = double_stop.data.read_bytes()
+    changed = original.replace(b"Paris", b"Lyon!", 1)
+    assert changed != original and len(changed) == len(original)
+    try:
+        double_stop.data.write_bytes(changed)
+        args = cli_args(prefix, f"data.train={double_stop.data}", "train.learning_rate=1e-3")
+        env = run_env(s3.env, tmp_path_factory.mktemp("work-refused"))
+        with job(args, sft_cache, env) as j:
+            rc = j.wait(300)
+    finally:
+        double_stop.data.write_bytes(original)
+    return Refused(j, rc, prefix, yaml_before, read(c, BUCKET, f"{prefix}/job.yaml"))
+
+
+def test_spec_and_data_changes_are_refused(refused: Refused, s3: S3Server) -> None:
+    j = refused.job
+    assert refused.rc == 2, j.tail()
+    err = j.stderr.split("error:", 1)[-1]
+    for needle in ("--allow-changed", "step-000002", "spec train.learning_rate", "data files"):
+        assert needle in err, f"{needle!r} not in:\n{j.tail()}"
+    assert re.findall(r"spec ([\w.]+)", err) == ["train.learning_rate"], err  # nothing else
     assert not j.steps_logged(), "it trained although the resume was refused"
+    assert sorted(step_dirs(s3.client(), BUCKET, refused.prefix)) == [2]
 
 
-def test_spec_change_is_refused(double_stop: DoubleStop, s3: S3Server, sft_cache: Path,
-                                tmp_path: Path) -> None:
-    prefix = _guard_copy(s3, double_stop, "guard-spec")
-    args = cli_args(prefix, f"data.train={double_stop.data}", "train.learning_rate=1e-3")
-    with job(args, sft_cache, run_env(s3.env, tmp_path)) as j:
-        rc = j.wait(300)
-    _refused(j, rc, "train.learning_rate", "step-000002")
-    assert "data files" not in j.stderr
-    assert sorted(step_dirs(s3.client(), BUCKET, prefix)) == [2]
+@pytest.mark.xfail(strict=True, reason="BUG: a rerun refused for a changed spec (exit 2) has "
+                   "already overwritten output.uri/job.yaml with the refused spec, so the "
+                   "bucket's job.yaml no longer describes its checkpoints (run_job uploads it "
+                   "before find_resume)")
+def test_refused_rerun_leaves_job_yaml_alone(refused: Refused) -> None:
+    assert refused.rc == 2
+    assert refused.yaml_after == refused.yaml_before
 
 
 def test_allow_changed_resumes(double_stop: DoubleStop, s3: S3Server, sft_cache: Path,
@@ -325,21 +362,16 @@ def test_allow_changed_resumes(double_stop: DoubleStop, s3: S3Server, sft_cache:
     assert j.steps_logged()[0] == 3
 
 
-def test_data_change_is_refused(double_stop: DoubleStop, s3: S3Server, sft_cache: Path,
-                                tmp_path: Path) -> None:
-    prefix = _guard_copy(s3, double_stop, "guard-data")
-    original = double_stop.data.read_bytes()
-    changed = original.replace(b"Paris", b"Lyon!", 1)  # same size, same row count
-    assert changed != original and len(changed) == len(original)
-    try:
-        double_stop.data.write_bytes(changed)
-        args = cli_args(prefix, f"data.train={double_stop.data}")
-        with job(args, sft_cache, run_env(s3.env, tmp_path)) as j:
-            rc = j.wait(300)
-    finally:
-        double_stop.data.write_bytes(original)
-    _refused(j, rc, "data files", "step-000002")
-    assert "spec " not in j.stderr.split("error:", 1)[1]  # only the data changed
+@pytest.mark.xfail(strict=True, reason="BUG: SIGTERM before training starts (while data and "
+                   "model load; the handler is installed only around trainer.train) kills the "
+                   "process by the signal (-15, exit 143 in a pod) instead of exiting 75")
+def test_sigterm_before_training_exits_75(s3_env: S3Server, sft_cache: Path,
+                                          tmp_path: Path) -> None:
+    with job(cli_args("early"), sft_cache, run_env(s3_env.env, tmp_path)) as j:
+        j.wait_for(r"job smoke-cpu: backend")
+        j.send(signal.SIGTERM)
+        rc = j.wait(120)
+    assert rc == 75, j.tail()
 
 
 # ------------------------------------------------------------------- 4. faulty storage
