@@ -29,9 +29,8 @@ test: venv tools ## Run the whole test suite (what CI runs)
 	$(BIN)/ruff check sft_job tests bench k8s
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: venv tools ## Lint code, Dockerfiles, manifests and Terraform
+lint: venv tools images-lint k8s-lint tf-lint ## Lint code, Dockerfiles, manifests and Terraform
 	$(BIN)/ruff check sft_job tests bench k8s
-	$(MAKE) --no-print-directory images-lint k8s-lint tf-lint
 
 schema: venv ## Regenerate docs/spec.md (the spec field reference) from sft_job/spec.py
 	$(BIN)/sft-job schema --markdown > docs/spec.md
