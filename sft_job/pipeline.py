@@ -165,7 +165,12 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     timings.mark("evaluate")
 
     saved = stage / ("model" if spec.method.kind == "full" else "adapter")
-    trainer.save_model(str(saved))  # every rank: ZeRO-3 gathers the shards here
+    if trainer.args.device.type == "xla":  # CPU tensors without FSDPv2's `_orig_module.`
+        from sft_job.train.xla import save_model
+
+        save_model(trainer, saved)
+    else:
+        trainer.save_model(str(saved))  # every rank: ZeRO-3 gathers the shards here
     if not _is_main():
         _end_distributed()
         return {"rank": _rank()}
@@ -274,6 +279,13 @@ def _save_model(spec: JobSpec, tokenizer: Any, model_dir: Path, bundle: Any, sav
         return saved, None, None
     if not spec.output.merge:
         return None, saved, None
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
+
+    if is_deepspeed_zero3_enabled():  # training is over: load the check's models whole
+        unset_hf_deepspeed_config()
     log.info("merging the adapter into the base model (shard by shard)")
     out = merge_adapter(model_dir, saved, saved.parent / "model", tokenizer)
     sample = bundle.eval[0] if bundle.eval else bundle.train[0]

@@ -72,10 +72,11 @@ def resolve(spec: JobSpec) -> Backend:
                        flatten_packed=attn == "flash_attention_2",
                        sft_args={"bf16": bf16, "fp16": not bf16})
     if name == "tpu":
+        from sft_job.train import xla
+
         # sdpa in bf16 fails on XLA; eager attention works everywhere there.
         return Backend("tpu", "bfloat16", _attn(spec, "eager"), flatten_packed=False,
-                       sft_args={"bf16": True, "optim": "adamw_torch_xla",
-                                 "dataloader_drop_last": True})
+                       sft_args=xla.sft_args(spec))  # FSDPv2 over SPMD, XLA AdamW, drop_last
     return Backend("cpu", "float32", _attn(spec, "sdpa"), flatten_packed=False,
                    sft_args={"use_cpu": True, "bf16": False, "fp16": False})
 

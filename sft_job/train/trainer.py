@@ -125,6 +125,10 @@ def build_trainer(spec: JobSpec, backend: Backend, model: Any, tokenizer: Any,
 
     trainer.remove_callback(PrinterCallback)  # our metrics callback logs one readable line
     trainer.sft_job_collator = collator  # read by the metrics callback for tokens/s
+    if backend.name == "tpu":
+        from sft_job.train import xla
+
+        xla.prepare(trainer)  # FSDPv2: optimizer before train(), clean state-dict names
     return trainer
 
 
