@@ -121,7 +121,17 @@ def _text(row: dict[str, Any], key: str, *, allow_empty: bool = False) -> str:
         raise RowError(f"field '{key}' must be a string, got {type(val).__name__}")
     if not allow_empty and not val.strip():
         raise RowError(f"empty '{key}'")
+    _check_unicode(val, f"field '{key}'")
     return val
+
+
+def _check_unicode(val: str, what: str) -> None:
+    """JSON can carry lone surrogates (\\ud800) that no tokenizer accepts."""
+    try:
+        val.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowError(f"{what} holds an invalid character ({val[e.start]!r} at {e.start}, a "
+                       "lone UTF-16 surrogate)") from None
 
 
 def alpaca_prompt(instruction: str, input_: str, template: str) -> str:
@@ -169,6 +179,7 @@ def _messages(row: dict[str, Any], spec: DataSpec) -> list[dict[str, str]]:
                            f"got {role!r}")
         if not isinstance(content, str) or (role == "assistant" and not content.strip()):
             raise RowError(f"{spec.messages_field}[{i}].content is empty or not a string")
+        _check_unicode(content, f"{spec.messages_field}[{i}].content")
         out.append({"role": role, "content": content})
     if out[-1]["role"] != "assistant":
         raise RowError(f"{spec.messages_field}: the last message must be from the assistant")

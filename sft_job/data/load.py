@@ -134,39 +134,62 @@ def _check_not_html(path: Path, head: bytes) -> None:
                         "(a login or error page saved instead of the file?)")
 
 
-def _decode(raw: bytes, path: Path, where: str) -> str:
+def _decode(raw: bytes, path: Path, where: str | None = None) -> str:
+    """UTF-8 text (a BOM is dropped); DataError naming the line (`where`, or counted in `raw`)."""
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        where = where or str(raw.count(b"\n", 0, e.start) + 1)
         raise DataError(f"{path}:{where}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
                         "re-encode the file as UTF-8") from None
 
 
-def _read_jsonl(path: Path) -> Iterator[Record | Malformed]:
+def _lines(path: Path) -> Iterator[tuple[int, bytes | int]]:
+    """(line number, bytes) per line; a line over MAX_LINE_BYTES comes as its size instead and
+    is never held in memory whole."""
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if len(raw) > MAX_LINE_BYTES:
-                yield Malformed(f"{path}:{lineno}", f"line is {len(raw) // 1_000_000} MB, "
-                                f"over the {MAX_LINE_BYTES // 1_000_000} MB limit")
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+                yield lineno, raw
                 continue
-            line = _decode(raw, path, str(lineno)).strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Malformed(f"{path}:{lineno}", f"invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(row, dict):
-                yield Malformed(f"{path}:{lineno}", f"expected a JSON object, got {type(row).__name__}")
-                continue
-            yield Record(row, f"{path}:{lineno}")
+            size = len(raw)
+            while (chunk := f.readline(1 << 20)) and not chunk.endswith(b"\n"):
+                size += len(chunk)
+            yield lineno, size + len(chunk)
+
+
+def _read_jsonl(path: Path) -> Iterator[Record | Malformed]:
+    for lineno, raw in _lines(path):
+        where = f"{path}:{lineno}"
+        if isinstance(raw, int):
+            yield Malformed(where, f"line is {raw // 1_000_000} MB, over the "
+                            f"{MAX_LINE_BYTES // 1_000_000} MB limit")
+            continue
+        line = _decode(raw, path, str(lineno)).strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield Malformed(where, f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        except RecursionError:
+            yield Malformed(where, "invalid JSON (nested too deeply)")
+            continue
+        if not isinstance(row, dict):
+            yield Malformed(where, f"expected a JSON object, got {type(row).__name__}")
+            continue
+        yield Record(row, where)
 
 
 def _read_json(path: Path, head: bytes) -> Iterator[Record | Malformed]:
-    text = _decode(path.read_bytes(), path, "1")
+    text = _decode(path.read_bytes(), path)
     try:
         doc = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON (nested too deeply)") from None
     except json.JSONDecodeError as e:
         if text.lstrip().startswith("{") and "\n{" in text[:65536]:
             yield from _read_jsonl(path)  # JSON Lines saved as .json
@@ -189,16 +212,19 @@ def _read_json(path: Path, head: bytes) -> Iterator[Record | Malformed]:
 def _read_csv(path: Path) -> Iterator[Record | Malformed]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     raw = path.read_bytes()
-    text = _decode(raw, path, "1")
+    text = _decode(raw, path)
     reader = csv.DictReader(text.splitlines(keepends=True))
-    if not reader.fieldnames:
-        raise DataError(f"{path}: CSV has no header row")
-    for row in reader:
-        lineno = reader.line_num
-        if None in row:
-            yield Malformed(f"{path}:{lineno}", "more values than header columns")
-            continue
-        yield Record({k: v for k, v in row.items() if k is not None}, f"{path}:{lineno}")
+    try:
+        if not reader.fieldnames:
+            raise DataError(f"{path}: CSV has no header row")
+        for row in reader:
+            lineno = reader.line_num
+            if None in row:
+                yield Malformed(f"{path}:{lineno}", "more values than header columns")
+                continue
+            yield Record({k: v for k, v in row.items() if k is not None}, f"{path}:{lineno}")
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
 
 
 def _read_parquet(path: Path) -> Iterator[Record | Malformed]:
