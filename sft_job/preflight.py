@@ -163,8 +163,11 @@ def preflight(spec: JobSpec, samples: int = 2, json_out: Path | None = None) -> 
         shutil.rmtree(work, ignore_errors=True)
     _print(rep)
     if json_out:
-        json_out.write_text(json.dumps({"ok": not rep.problems, **rep.__dict__}, indent=2,
-                                       default=str))
+        try:
+            json_out.write_text(json.dumps({"ok": not rep.problems, **rep.__dict__}, indent=2,
+                                           default=str))
+        except OSError as e:
+            raise SpecError(f"--json {json_out}: cannot write the report ({e.strerror})") from None
     if rep.problems:
         raise rep.failure("validate: the job would fail: ")
     return rep
@@ -271,7 +274,7 @@ def _scan_data(spec: JobSpec, rep: Report, work: Path) -> None:
         if uri is None or rep.has(label):
             continue
         try:
-            prep = prepare(uri, relaxed, None, work / label, fmt=fmt)
+            prep = prepare(uri, relaxed, None, work, fmt=fmt)  # run's data step reuses `work`
         except SftJobError as e:
             rep.error(label, e)
             continue
@@ -343,7 +346,7 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
         tok.chat_template = CHATML_TEMPLATE
     relaxed = spec.data.model_copy(update={"on_malformed": "skip"})
     try:
-        prep = prepare(spec.data.train, relaxed, tok, work / "data.train", fmt=d["format"])
+        prep = prepare(spec.data.train, relaxed, tok, work, fmt=d["format"])
     except SftJobError as e:
         rep.error("data.train", e)
         return

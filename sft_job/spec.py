@@ -30,6 +30,7 @@ class Strict(BaseModel):
 
 class ModelSpec(Strict):
     base: str = Field(
+        min_length=1,
         description="Base model: a Hub id (org/name or hf://org/name), a local directory, an "
         "s3:// or gs:// prefix holding a saved model, or builtin:tiny-llama / builtin:tiny-gpt2."
     )
@@ -48,6 +49,7 @@ class ModelSpec(Strict):
 
 class DataSpec(Strict):
     train: str = Field(
+        min_length=1,
         description="Training data: a file (.jsonl, .json, .csv, .parquet), a datasets "
         "save_to_disk directory, or a bucket prefix of shards; hf://datasets/org/name too."
     )
@@ -124,7 +126,8 @@ class EvalSpec(Strict):
 
 
 class OutputSpec(Strict):
-    uri: str = Field(description="Where every artifact goes: a path, file://, s3:// or gs://.")
+    uri: str = Field(min_length=1,
+                     description="Where every artifact goes: a path, file://, s3:// or gs://.")
     merge: bool = Field(True, description="Merge LoRA/QLoRA adapters into the base model.")
     push_to_hub: str | None = Field(
         None, description="Hub repo (org/name) to push to; token from HF_TOKEN."
