@@ -78,20 +78,22 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
     if storage.exists(storage.join(out_uri, SUCCESS)):
         log.info("%s/%s exists: this job is already done, nothing to do", out_uri, SUCCESS)
         return {"already_done": True}
-    from sft_job.preflight import probe_output
+    from sft_job.preflight import fast_checks
 
     work = workdir_for(spec)
     stage = work / "out"
     mine = work / f"rank{_rank()}"  # per-rank downloads (data, resume), never shared
+    shutil.rmtree(mine, ignore_errors=True)
+    mine.mkdir(parents=True)
     if _is_main():
-        probe_output(out_uri)  # a wrong bucket fails now, not after training
+        # spec, storage access (a write probe of output.uri), model files and every data row,
+        # without torch: a bad job fails in seconds, before any model is downloaded
+        fast_checks(spec, workdir=mine)
         for stale in (stage, work / "trainer", work / "ckpt-staging"):
             shutil.rmtree(stale, ignore_errors=True)  # a reused machine's leftovers are not ours
         stage.mkdir(parents=True, exist_ok=True)
         (stage / "job.yaml").write_text(dump_spec(spec))
         storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
-    shutil.rmtree(mine, ignore_errors=True)
-    mine.mkdir(parents=True)
 
     # Imports of torch/transformers/trl happen from here on, after the cheap checks.
     from sft_job.data import build as build_data
