@@ -72,6 +72,11 @@ image-cpu-check: ## Build the CPU image here with buildah (debootstrap base) and
 	  echo "image config: $$cfg"; [[ $$cfg == "1000:1000 [sft-job] /app [NONE] "?* ]]
 	buildah $(BUILDAH_FLAGS) images --format '{{.Name}}:{{.Tag}} {{.Size}}' $(REGISTRY)/sft-job-cpu:$(TAG)
 
+image-tpu-check: ## Build the TPU image here (buildah, debootstrap base); torch-xla must compute on PJRT CPU in it (heavy)
+	$(MAKE) image-tpu ENGINE=buildah BASE=debootstrap TAG=$(TAG)
+	ENGINE=buildah BUILDAH_FLAGS="$(BUILDAH_FLAGS)" images/tpu-check.sh $(REGISTRY)/sft-job-tpu:$(TAG)
+	buildah $(BUILDAH_FLAGS) images --format '{{.Name}}:{{.Tag}} {{.Size}}' $(REGISTRY)/sft-job-tpu:$(TAG)
+
 images-lint: tools ## hadolint, trivy config and checkov on the three Dockerfiles
 	$(TOOLS)/hadolint $(DOCKERFILES)
 	$(TRIVY) config --skip-check-update --quiet --exit-code 1 images
@@ -79,4 +84,5 @@ images-lint: tools ## hadolint, trivy config and checkov on the three Dockerfile
 
 lint: images-lint
 
-.PHONY: locks locks-verify image-cpu image-cuda image-tpu push-images docker-smoke image-cpu-check images-lint
+.PHONY: locks locks-verify image-cpu image-cuda image-tpu push-images docker-smoke image-cpu-check \
+	image-tpu-check images-lint

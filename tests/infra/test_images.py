@@ -142,7 +142,22 @@ def test_cpu_image_prebuilds_the_smoke_jobs_model() -> None:
 
 
 def test_tpu_image_targets_pjrt_tpu() -> None:
-    assert dockerfile("tpu").final.env()["PJRT_DEVICE"] == "TPU"
+    df = dockerfile("tpu")
+    assert df.final.env()["PJRT_DEVICE"] == "TPU"
+    # torch-xla's _XLAC links libpython3.11.so.1.0, which Debian's python3.11 does not ship
+    # (found by building this image: `import torch_xla` failed without it).
+    assert "libpython3.11" in " ".join(i.args for i in df.final.ops("RUN"))
+
+
+def test_tpu_check_script_runs_offline_on_pjrt_cpu(tmp_path: Path) -> None:
+    env = _fake_engine(tmp_path, "docker", "exit 0")
+    res = subprocess.run([str(IMAGES / "tpu-check.sh"), "img:t"], env={**env, "ENGINE": "docker"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    version, probe = (tmp_path / "docker.log").read_text().split("\n", 1)  # probe is multi-line
+    assert version == "run --rm --network none img:t --version"
+    assert probe.startswith("run --rm --network none -e PJRT_DEVICE=CPU --entrypoint python img:t")
+    assert "xla_device()" in probe and "libtpu" in probe
 
 
 def test_cuda_image_nccl_and_optional_flash_attention() -> None:
@@ -261,7 +276,7 @@ def _make(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def test_make_targets_exist_and_name_the_images() -> None:
     helptext = _make("help").stdout
     for target in ("image-cpu", "image-cuda", "image-tpu", "push-images", "docker-smoke",
-                   "image-cpu-check", "locks", "images-lint"):
+                   "image-cpu-check", "image-tpu-check", "locks", "locks-verify", "images-lint"):
         assert re.search(rf"^{target}\s", helptext, re.M), f"make help lacks {target}"
     for hw in HARDWARE:
         out = _make("-n", f"image-{hw}", "REGISTRY=reg.example/p", "TAG=t1").stdout
