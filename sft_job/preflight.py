@@ -63,7 +63,7 @@ class Report:
         kind = ("access" if isinstance(err, AccessError) else
                 "transient" if isinstance(err, TransientError) else
                 "spec" if isinstance(err, SpecError) else "data")
-        self.problem(where, str(err), kind)
+        self.problem(where, str(err).removeprefix(f"{where}: "), kind)
 
     def has(self, where: str) -> bool:
         return any(p["where"] == where for p in self.problems)
@@ -244,7 +244,10 @@ def _check_model_files(spec: JobSpec, rep: Report) -> None:
             if not path.is_dir():
                 raise SpecError(f"{base}: no such model directory")
             check_model_dir(path, base)
-        # else a Hub id: the full pass loads its tokenizer
+        else:  # a Hub id: it exists (the full pass loads its tokenizer)
+            from sft_job.models.load import check_hub_model
+
+            check_hub_model(base.removeprefix("hf://"), spec.model.revision)
     except SftJobError as e:
         rep.error("model.base", e)
 

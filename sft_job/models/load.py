@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sft_job.errors import AccessError, ModelError
+from sft_job.errors import AccessError, ModelError, SpecError, TransientError
 from sft_job.spec import MethodSpec, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,46 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
         raise AccessError(f"model.base: cannot download {repo_id} from the Hub "
                           f"({e.response.status_code if e.response is not None else 'no response'}); "
                           "check the id and HF_TOKEN for gated/private models") from None
+
+
+def check_hub_model(repo_id: str, revision: str | None = None) -> None:
+    """A Hub model exists and is readable (one metadata call; offline: it is in the local
+    cache), without downloading it. AccessError (exit 3) if not, SpecError for a bad id."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        HTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        if constants.HF_HUB_OFFLINE:
+            if not isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision),
+                              str):
+                raise AccessError(f"model.base: {repo_id} is not in the local Hugging Face cache "
+                                  "and the Hub cannot be reached (HF_HUB_OFFLINE is set)")
+            return
+        HfApi().model_info(repo_id, revision=revision)
+    except HFValidationError as e:
+        raise SpecError(f"model.base: '{repo_id}' is not a Hub model id "
+                        f"({str(e).splitlines()[0]})") from None
+    except GatedRepoError:
+        raise AccessError(f"model.base: {repo_id} is gated: accept its terms on the Hub and set "
+                          "HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise AccessError(f"model.base: {repo_id}: no such model on the Hub (or it is private: "
+                          "set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise SpecError(f"model.revision: {revision!r} does not exist in {repo_id}") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "no response"
+        raise AccessError(f"model.base: cannot read {repo_id} on the Hub ({status})") from None
+    except (HTTPError, OSError) as e:  # connection refused, DNS, timeouts
+        raise TransientError(f"model.base: the Hub cannot be reached for {repo_id} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
 
 
 def check_model_dir(path: Path, base: str) -> None:
