@@ -343,10 +343,16 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
     from sft_job.data.tokenize import slot_efficiency, tokenize_all
 
     d = rep.facts["data"]
-    if d["format"] == "chat" and not getattr(tok, "chat_template", None):
+    template = ("unused" if d["format"] != "chat" else "from the spec" if spec.model.chat_template
+                else "the tokenizer's" if getattr(tok, "chat_template", None)
+                else "ChatML (the tokenizer has none)")
+    if template.startswith("ChatML"):
         rep.warnings.append("the tokenizer has no chat template: chat rows are rendered with "
                             "ChatML (set model.chat_template to choose another)")
         tok.chat_template = CHATML_TEMPLATE
+    rep.facts["tokenizer"] = {"eos": tok.eos_token, "pad": tok.pad_token, "bos": tok.bos_token,
+                              "pad_is_eos": tok.pad_token_id == tok.eos_token_id,
+                              "chat_template": template}
     relaxed = spec.data.model_copy(update={"on_malformed": "skip"})
     try:
         prep = prepare(spec.data.train, relaxed, tok, work, fmt=d["format"])
@@ -437,6 +443,11 @@ def _print(rep: Report) -> None:
               "duplicates", file=out)
         for m in section["malformed_examples"]:
             print(f"           malformed {m}", file=out)
+    t = rep.facts.get("tokenizer")
+    if t:
+        print(f"  tokenizer eos {t['eos']!r}, pad {t['pad']!r}"
+              f"{' (= EOS, still trained: labels come from positions)' if t['pad_is_eos'] else ''}"
+              f", bos {t['bos']!r}; chat template: {t['chat_template']}", file=out)
     if d:
         if "tokens" in d:
             t = d["tokens"]
