@@ -349,9 +349,11 @@ CASES: list[Case] = [
              f"{r['prompt']},{r['response']}\n" for r in GOOD)),
              raw("eval.jsonl", "\ufeff" + "".join(json.dumps(r) + "\n" for r in GOOD[:2]))),
          heavy=True),
-    Case("chat-with-no-template-no-pad", 0, ("ChatML", "<|im_start|>assistant", "OK"),
-         {"model": {"base": "{d}/model"}, "eval": {"num_samples": 0}},
-         both(model_copy(no_template_no_pad=True), lines(CHAT_OK, CHAT_OK)), heavy=True),
+    Case("chat-with-no-template-no-pad", 0, (
+        "tokenizer eos '<|endoftext|>', pad '<|endoftext|>' (= EOS",
+        "chat template: ChatML (the tokenizer has none)", "<|im_start|>assistant", "OK"),
+         {"model": {"base": "{d}/model"}}, args=("--samples", "1"),
+         files=both(model_copy(no_template_no_pad=True), lines(CHAT_OK, CHAT_OK)), heavy=True),
     # --- `sft-job run`: the same checks fail the job before any model is loaded
     Case("run-yaml-syntax", 2, ("job.yaml:3:1: invalid YAML",), "name: x\nmodel: [unclosed\n",
          cmd="run"),

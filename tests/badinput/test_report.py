@@ -76,6 +76,9 @@ def test_json_report_has_every_fact_of_the_text_report(tmp_path: Path, sft_cache
         assert s["text"].startswith("[[<|user|>")  # the prompt is shown masked
         assert f"({s['tokens']} tokens, {s['trained_tokens']} trained;" in out
         assert s["text"].replace("\n", "\n    ") in out
+    tok = facts["tokenizer"]
+    assert (f"tokenizer eos {tok['eos']!r}, pad {tok['pad']!r}, bos {tok['bos']!r}; "
+            f"chat template: {tok['chat_template']}") in out
     mem = facts["memory"]
     assert f"~{mem['total_gb']:.2f} GB per device ({mem['breakdown_gb']})" in out
     assert mem["device_gb"] == 24 and mem["trainable_params"] > 0
