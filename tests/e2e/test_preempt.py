@@ -172,26 +172,24 @@ def test_sigterm_commits_then_rerun_matches_uninterrupted(
 def test_sigkill_anywhere_never_exposes_a_partial_checkpoint(
         s3_env: S3Server, baseline: Baseline, sft_cache: Path, tmp_path: Path) -> None:
     """Kill 1: a random moment of training. Kill 2: while a checkpoint's files upload (every
-    checkpoint PUT held 1s by the proxy, the kill 1.1-1.7s after the first). Kill 3: after the
-    last checkpoint, while the adapter is merged (before _SUCCESS). Then a rerun finishes."""
+    checkpoint PUT held 1s by the proxy, the kill 1.1-1.7s after the first). Then a rerun
+    finishes. (A kill after the last checkpoint: test_resume_at_the_last_step.)"""
     rng = random.Random(20261124)
     prefix = "sigkill"
     c = s3_env.client()
     with recording_proxy(s3_env.url) as (proxy, rec):
         env_of = proxy.env_for(s3_env)
         resume_from = None
-        for round_ in (1, 2, 3):
+        for round_ in (1, 2):
             rec.delay_s = 1.0 if round_ == 2 else 0.0
             started = rec.watch(CKPT_DATA_PUT.format(bucket=BUCKET, prefix=prefix))
             with job(cli_args(prefix), sft_cache, run_env(env_of, tmp_path / f"w{round_}")) as j:
                 if round_ == 1:
                     j.wait_step(rng.randint(2, 8))
                     time.sleep(rng.uniform(0, 0.6))
-                elif round_ == 2:
+                else:
                     assert started.wait(300), j.tail()
                     time.sleep(rec.delay_s + rng.uniform(0.1, 0.7))
-                else:
-                    j.wait_for(r"merging the adapter")
                 j.send(signal.SIGKILL)
                 assert j.wait(60) == -signal.SIGKILL
             if resume_from is not None:
@@ -201,15 +199,31 @@ def test_sigkill_anywhere_never_exposes_a_partial_checkpoint(
             committed, partial = check_checkpoints(c, BUCKET, prefix)
             if round_ == 2:  # the newest folder is the one cut short: readers must skip it
                 assert partial and max(partial) > max(committed, default=0), (committed, partial)
-            if round_ == 3:
-                assert committed[-1] == MAX_STEPS
-                assert "_SUCCESS" not in list_objects(c, BUCKET, prefix)
             assert latest(prefix) == (step_uri(prefix, committed[-1]) if committed else None)
             resume_from = committed[-1] if committed else None
-        assert resume_from == MAX_STEPS
-        _finish_resumed(s3_env, sft_cache, prefix, tmp_path / "w4", baseline, resume_from,
+        rec.delay_s = 0.0
+        assert resume_from, "no checkpoint was committed before the kills"
+        _finish_resumed(s3_env, sft_cache, prefix, tmp_path / "w3", baseline, resume_from,
                         env_of)
     check_checkpoints(c, BUCKET, prefix)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: resumed at the last step (killed after the final "
+                   "checkpoint, before _SUCCESS), the rerun trains one extra step 13/12 (HF "
+                   "Trainer checks max_steps only after a step), commits step-000013, rotates "
+                   "step-000010 away and logs a 13th loss; the weights match only because the "
+                   "schedule's lr is 0 there (with lr_scheduler=constant they differ: checked)")
+def test_resume_at_the_last_step(s3_env: S3Server, baseline: Baseline, sft_cache: Path,
+                                 tmp_path: Path) -> None:
+    """The bucket as a kill during merge/upload leaves it: the baseline's committed
+    checkpoints, no model, no _SUCCESS. The rerun must only finish."""
+    prefix = "last-step"
+    c = s3_env.client()
+    for step in (MAX_STEPS - SAVE_EVERY, MAX_STEPS):
+        copy_prefix(c, BUCKET, f"baseline/checkpoints/step-{step:06d}",
+                    f"{prefix}/checkpoints/step-{step:06d}")
+    _finish_resumed(s3_env, sft_cache, prefix, tmp_path, baseline, MAX_STEPS)
+    assert check_checkpoints(c, BUCKET, prefix) == ([MAX_STEPS - SAVE_EVERY, MAX_STEPS], [])
 
 
 # ------------------------------------------------------------------- 3. second SIGTERM
