@@ -70,8 +70,22 @@ def workdir_for(spec: JobSpec) -> Path:
 
 
 def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
-    """Run one job end to end and return its summary."""
+    """Run one job end to end and return its summary. SIGTERM/SIGINT are caught for the whole
+    run: before training they end it with 75 at the next phase boundary (nothing to save yet),
+    during training they become a committed checkpoint, during finish they are noted and the
+    finish goes on (a second signal exits at once)."""
     setup_logging()
+    with preempt.watch() as stop:
+        return _run(spec, allow_changed, stop)
+
+
+def _check_stop(stop: Any, phase: str) -> None:
+    if stop.requested:
+        raise Preempted(f"preempted by {stop.signame} during {phase}, before training started: "
+                        "nothing to checkpoint; rerun to start again")
+
+
+def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     timings = Timings()
     storage.configure(spec.output.s3_endpoint_url)
     out_uri = spec.output.uri
@@ -92,8 +106,7 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
         for stale in (stage, work / "trainer", work / "ckpt-staging"):
             shutil.rmtree(stale, ignore_errors=True)  # a reused machine's leftovers are not ours
         stage.mkdir(parents=True, exist_ok=True)
-        (stage / "job.yaml").write_text(dump_spec(spec))
-        storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
+    _check_stop(stop, "the checks")
 
     # Imports of torch/transformers/trl happen from here on, after the cheap checks.
     from sft_job.data import build as build_data
@@ -107,10 +120,12 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
     model_dir = resolve_model_dir(spec.model.base, spec.model.revision)
     tokenizer = load_tokenizer(spec.model, model_dir, need_chat_template=False)
     timings.mark("model_fetch")
+    _check_stop(stop, "the model download")
     log.info("job %s: backend %s (%s, attention %s), base %s, method %s", spec.name,
              backend.name, backend.dtype, backend.attn, spec.model.base, spec.method.kind)
     bundle = build_data(spec.data, tokenizer, mine)
     timings.mark("data")
+    _check_stop(stop, "data preparation")
 
     model_type = _model_type(model_dir)
     model = load_model(spec.model, spec.method, model_dir, backend.torch_dtype(),
@@ -128,19 +143,25 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
     if resume:
         ckpt.restore_metrics(resume[0], metrics_path, resume[1])
     timings.mark("resume_lookup")
+    if _is_main():  # after the resume check: a refused rerun leaves the bucket's job.yaml alone
+        (stage / "job.yaml").write_text(dump_spec(spec))
+        storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
+    _check_stop(stop, "model loading")
     uploader = ckpt.Uploader(storage.join(out_uri, "checkpoints"), spec.output.keep_checkpoints) \
         if _is_main() else None
     collator_ref: list[Any] = []
-    with preempt.watch() as stop:
-        callbacks = [metrics_callback(metrics_path, collator_ref),
-                     ckpt.callback(spec, uploader, stop, run_state, metrics_path,
-                                   work / "ckpt-staging")]
-        trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer", callbacks)
-        collator_ref.append(trainer.sft_job_collator)
-        _log_plan(spec, trainer, bundle)
+    callbacks = [metrics_callback(metrics_path, collator_ref),
+                 ckpt.callback(spec, uploader, stop, run_state, metrics_path,
+                               work / "ckpt-staging")]
+    trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer", callbacks)
+    collator_ref.append(trainer.sft_job_collator)
+    _log_plan(spec, trainer, bundle)
+    if resume and spec.deepspeed == "none" and ckpt.is_final(resume[0]):
+        train_out = ckpt.load_final(trainer, resume[0])  # trained already: only finish is left
+    else:
         train_out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
-        if stop.requested:
-            _stop_after_checkpoint(spec, trainer, uploader, stop)
+    if stop.requested:
+        _stop_after_checkpoint(spec, trainer, uploader, stop)
     if uploader is not None:
         uploader.wait()  # periodic checkpoints still in flight finish before the final upload
         uploader.close()

@@ -205,6 +205,29 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if a != b else []
 
 
+def is_final(resume_dir: Path) -> bool:
+    """The checkpoint was taken at the last step (the run was stopped between its end and
+    _SUCCESS): resuming must not train again (HF Trainer would run one step past max_steps)."""
+    f = resume_dir / "trainer_state.json"
+    if not f.is_file():
+        return False
+    st = json.loads(f.read_text())
+    return bool(st.get("max_steps")) and st.get("global_step", 0) >= st["max_steps"]
+
+
+def load_final(trainer: Any, resume_dir: Path) -> Any:
+    """Load the weights and state of a final checkpoint into the trainer, without training."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer._load_from_checkpoint(str(resume_dir))  # the Trainer's own loader (PEFT-aware)
+    trainer.state = TrainerState.load_from_json(str(resume_dir / "trainer_state.json"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    log.info("the checkpoint is the final step (%d): skipping training, finishing",
+             trainer.state.global_step)
+    return TrainOutput(trainer.state.global_step, losses[-1] if losses else float("nan"), {})
+
+
 def restore_metrics(resume_dir: Path, metrics_path: Path, step: int) -> None:
     """Put back the metrics logged before the checkpoint, so metrics.jsonl is one sequence."""
     src = resume_dir / METRICS_FILE
