@@ -1,21 +1,21 @@
 """TPU (torch-xla, PJRT): FSDPv2 over SPMD, the XLA AdamW, static shapes, plain-torch saves.
 
 Used only with backend tpu; torch_xla is imported inside the functions. The same code runs on a
-CPU with `PJRT_DEVICE=CPU` (`CPU_NUM_DEVICES=4` gives four virtual devices): `make test-xla`.
+CPU with `PJRT_DEVICE=CPU` (`CPU_NUM_DEVICES=4` gives four virtual devices): `make test-xla`,
+tests/xla/README.md.
 
 - One process per host drives every chip through SPMD. With more than one device (or with
   gradient checkpointing) the model is wrapped in FSDPv2: parameters, gradients and optimizer
   state are sharded over the `fsdp` axis of a mesh of all devices and each batch is split along
-  it, so a model that does not fit one chip's 16 GB still trains, and small ones train data
-  parallel. `train.batch_size` stays rows per device: the batch the trainer feeds is that
-  times the device count.
-- Static shapes: every batch is padded to `data.max_length` (the collator) and partial batches
-  are dropped, so the step compiles once.
-- Transformers' FSDPv2 path never creates its optimizer (`'NoneType' ... 'param_groups'`): the
-  model is put on the device and the optimizer created before `train()` (`prepare`).
-- FSDPv2 state dicts carry `_orig_module.` in every key and `Trainer.save_model` then writes a
-  bare `pytorch_model.bin`: a state-dict hook strips the prefix (checkpoints resume and load
-  with plain torch) and `save_model` writes safetensors of CPU tensors with `save_pretrained`.
+  it, so a model that does not fit one chip still trains, and small ones train data parallel.
+  `train.batch_size` stays rows per device: the trainer's batch is that times the devices.
+- Static shapes: batches are padded to `data.max_length` (the collator) and partial batches
+  dropped, so the step compiles once; the compilations are logged at the end of training.
+- Transformers' FSDPv2 path never creates its optimizer: `prepare` puts the model on the device
+  and creates it before `train()`; a callback checks it holds the wrapped model's parameters,
+  gives the wrapper an output sharding that TRL's fused-loss output passes, and strips
+  FSDPv2's `_orig_module.` from state-dict names (checkpoints resume and load with plain torch).
+- `save_model` writes the final model or adapter as safetensors of CPU tensors.
 """
 
 from __future__ import annotations
@@ -107,7 +107,11 @@ def _callback(fsdp: bool) -> Any:
     class XlaSetup(TrainerCallback):
         """FSDPv2, once the trainer has wrapped the model: an output sharding TRL's loss works
         with, clean state-dict names, and proof that the optimizer updates the model. At the end:
-        how many graphs were compiled (static shapes keep it flat as steps grow)."""
+        how many graphs were compiled and the last step that compiled one (with static shapes,
+        one of the first few: later steps reuse the graphs)."""
+
+        compiles = 0
+        last_compile_step = 0
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
             if not fsdp or model is None or getattr(model, "_sft_job_prepared", False):
@@ -123,10 +127,21 @@ def _callback(fsdp: bool) -> Any:
             _check_optimizer_params(model, optimizer)
             return control
 
+        def on_step_end(self, args, state, control, **kw):
+            n, _ = compile_stats()
+            if n != self.compiles:
+                self.compiles, self.last_compile_step = n, state.global_step
+            return control
+
+        def on_save(self, args, state, control, **kw):
+            # Reading sharded tensors for a checkpoint compiles gather graphs: not step graphs.
+            self.compiles, _ = compile_stats()
+            return control
+
         def on_train_end(self, args, state, control, **kw):
             n, secs = compile_stats()
-            log.info("XLA: %d graph compilations (%.1f s) for %d steps", n, secs,
-                     state.global_step)
+            log.info("XLA: %d graph compilations (%.1f s) in %d steps, the last at step %d",
+                     n, secs, state.global_step, self.last_compile_step)
             return control
 
     return XlaSetup()
