@@ -146,7 +146,8 @@ with contextlib.suppress(ImportError):  # the synth package is optional while it
 def main() -> None:
     """Console entrypoint: the one error boundary of the program."""
     try:
-        app()
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except SftJobError as err:
         if os.environ.get("SFT_JOB_DEBUG"):
             raise
@@ -158,7 +159,17 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except BaseException:
+    except BaseException as err:
+        if hasattr(err, "format_message") and hasattr(err, "exit_code"):
+            # click's usage errors (bad option, missing argument; typer vendors click, so match
+            # by shape): one line and exit 2 instead of a boxed usage screen
+            msg = err.format_message()
+            if msg:  # empty when the help screen was the answer (no arguments at all)
+                typer.echo(f"error: {msg} (see sft-job --help)", err=True)
+            sys.exit(err.exit_code)
+        if type(err).__name__ == "Abort":
+            typer.echo("error: aborted", err=True)
+            sys.exit(130)
         import traceback
 
         traceback.print_exc()

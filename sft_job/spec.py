@@ -306,7 +306,7 @@ def parse_spec(text: str, source: str, overrides: list[str] | None = None) -> Jo
         return key
 
     try:
-        doc = _restore(yaml.safe_load(_ENV_RE.sub(hold, text)), held)
+        doc = _restore(yaml.load(_ENV_RE.sub(hold, text), Loader=_UniqueKeyLoader), held)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -326,6 +326,20 @@ def parse_spec(text: str, source: str, overrides: list[str] | None = None) -> Jo
         return JobSpec.model_validate(doc)
     except ValidationError as e:
         raise SpecError(f"{source}: " + format_validation_error(e)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _restore(value: Any, held: dict[str, str]) -> Any:
