@@ -14,8 +14,8 @@ if [[ -z ${ENGINE:-} ]]; then
   if command -v docker >/dev/null && docker info >/dev/null 2>&1; then ENGINE=docker; else ENGINE=buildah; fi
 fi
 probe='
-import importlib.util, torch, torch_xla, torch_xla.core.xla_model as xm, torch_xla.runtime as xr
-t = torch.arange(4.0, device=xm.xla_device()).reshape(2, 2)
+import importlib.util, torch, torch_xla, torch_xla.runtime as xr
+t = torch.arange(4.0, device=torch_xla.device()).reshape(2, 2)
 got = (t @ t).cpu().tolist()
 assert got == [[2.0, 3.0], [6.0, 11.0]], got
 assert importlib.util.find_spec("libtpu"), "libtpu is not installed"

@@ -157,7 +157,7 @@ def test_tpu_check_script_runs_offline_on_pjrt_cpu(tmp_path: Path) -> None:
     version, probe = (tmp_path / "docker.log").read_text().split("\n", 1)  # probe is multi-line
     assert version == "run --rm --network none img:t --version"
     assert probe.startswith("run --rm --network none -e PJRT_DEVICE=CPU --entrypoint python img:t")
-    assert "xla_device()" in probe and "libtpu" in probe
+    assert "torch_xla.device()" in probe and "libtpu" in probe
 
 
 def test_cuda_image_nccl_and_optional_flash_attention() -> None:
