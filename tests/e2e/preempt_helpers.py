@@ -101,6 +101,14 @@ class Job:
             return [(int(m.group(1)), t) for ln, t in zip(self.lines, self.times, strict=True)
                     if (m := STEP_LINE.search(ln))]
 
+    def line_time(self, pattern: str) -> float:
+        """When the first stderr line matching `pattern` was read (time.monotonic())."""
+        with self._cond:
+            found = [t for ln, t in zip(self.lines, self.times, strict=True)
+                     if re.search(pattern, ln)]
+        assert found, f"no {pattern!r} in:\n{self.tail()}"
+        return found[0]
+
     def steps_logged(self) -> list[int]:
         return [int(m.group(1)) for ln in self.stderr.splitlines() if (m := STEP_LINE.search(ln))]
 
