@@ -154,6 +154,7 @@ def build_builtin(name: str) -> Path:
     try:
         _build_tokenizer(tmp)
         _build_model(kind, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700: a shared cache must be readable by every uid
         try:
             os.replace(tmp, final)
         except OSError:  # another process won the race: theirs is identical
