@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from sft_job import __version__
-from sft_job.errors import EXIT_BUG, SftJobError
+from sft_job.errors import EXIT_BUG, EXIT_RETRY, SftJobError
 
 app = typer.Typer(
     name="sft-job",
@@ -153,6 +153,12 @@ def main() -> None:
             raise
         msg = str(err).replace("\n", " ")
         typer.echo(f"error: {msg}", err=True)
+        if err.exit_code == EXIT_RETRY:
+            # preempted: the checkpoint is committed; don't spend the grace period on
+            # interpreter teardown (seconds of garbage collection with a model in memory)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_RETRY)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
