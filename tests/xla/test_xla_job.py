@@ -37,9 +37,11 @@ STEPS = 8
 WARMUP_STEPS = 3  # steps 1-3 compile (no optimizer state yet, then with it); later ones reuse
 
 
-def _spec(root: Path, name: str, kind: str, batch_size: int, backend: str = "tpu") -> Path:
+def _spec(root: Path, name: str, kind: str, batch_size: int, backend: str = "tpu",
+          **method_extra: Any) -> Path:
     method = {"kind": "full"} if kind == "full" else \
         {"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.0}  # no dropout: XLA vs CPU RNG
+    method.update(method_extra)
     spec = {
         "name": name,
         "model": {"base": "builtin:tiny-llama"},
@@ -74,9 +76,10 @@ def _job(python: Path, spec: Path, cache: Path, **env: str) -> dict[str, Any]:
             "losses": [m["loss"] for m in metrics if "loss" in m]}
 
 
-def _xla_job(root: Path, cache: Path, kind: str, devices: int, batch_size: int) -> dict[str, Any]:
-    run = _job(Path(sys.executable), _spec(root, root.name, kind, batch_size), cache,
-               PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices))
+def _xla_job(root: Path, cache: Path, kind: str, devices: int, batch_size: int,
+             **method_extra: Any) -> dict[str, Any]:
+    run = _job(Path(sys.executable), _spec(root, root.name, kind, batch_size, **method_extra),
+               cache, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(devices))
     assert len(run["losses"]) == STEPS, run["losses"]
     # Static shapes: once warm, no step compiles a new graph (a new batch shape would).
     compiles = re.search(r"XLA: \d+ graph compilations .* the last at step (\d+)", run["log"])
@@ -180,3 +183,21 @@ def test_fsdp_v2_four_devices_lora_matches_cpu(sft_cache: Path, tmp_path: Path) 
     with safe_open(str(run["out"] / "adapter/adapter_model.safetensors"), "pt") as f:
         names = list(f.keys())
     assert names and all(".lora_" in k and "_orig_module" not in k for k in names), names
+
+
+def test_single_device_gradient_checkpointing(sft_cache: Path, tmp_path: Path) -> None:
+    """method.gradient_checkpointing on one chip: torch.utils.checkpoint fails under XLA, so it
+    becomes FSDPv2's own (xla_fsdp_grad_ckpt) on a 1-device mesh; names stay the model's."""
+    from safetensors import safe_open
+
+    from sft_job.models.builtin import build_builtin
+
+    run = _xla_job(tmp_path / "xla-one-ckpt", sft_cache, "full", devices=1, batch_size=2,
+                   gradient_checkpointing=True)
+    assert "FSDPv2 over SPMD on 1 CPU devices" in run["log"], run["log"][-3000:]
+    _assert_loss_falls(run["losses"])
+    names = []
+    for folder in (run["out"] / "model", build_builtin("builtin:tiny-llama")):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            names.append(sorted(f.keys()))
+    assert names[0] == names[1]
