@@ -38,23 +38,14 @@ def pair_to_row(p: Pair, fmt: str) -> dict[str, Any]:
     raise SpecError(f"unknown output format '{fmt}' (choose {', '.join(OUT_FORMATS)})")
 
 
-class _ChatML:
-    """Stands in for a tokenizer's chat template so chat rows can be checked without a model."""
-
-    def apply_chat_template(self, msgs: list[dict[str, str]], tokenize: bool = False,
-                            add_generation_prompt: bool = False) -> str:
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
-        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
 def check_row(row: dict[str, Any], fmt: str, source: str, spec: Any = None) -> None:
     """Raise formats.RowError when the job would refuse `row` as `fmt` (field names from
     `spec`, a DataSpec; the defaults when None)."""
-    from sft_job.data.formats import to_example
+    from sft_job.data.formats import PlainChatML, to_example
     from sft_job.data.load import Record
     from sft_job.spec import DataSpec
 
-    to_example(Record(row, source), fmt, spec or DataSpec(train=source), _ChatML())
+    to_example(Record(row, source), fmt, spec or DataSpec(train=source), PlainChatML())
 
 
 def check_out_uri(uri: str, fmt: str) -> str:

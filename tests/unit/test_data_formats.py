@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sft_job.data import build, prepare, split
-from sft_job.data.formats import CHATML_TEMPLATE, Example, detect, to_example
+from sft_job.data.formats import CHATML_TEMPLATE, Example, PlainChatML, detect, to_example
 from sft_job.data.load import Record
 from sft_job.data.tokenize import IGNORE, tokenize_example
 from sft_job.errors import DataError
@@ -224,6 +224,21 @@ def test_chatml_when_the_tokenizer_has_none(tiny_llama_dir: Path, tmp_path: Path
     assert text_of(ex) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
                            "Hello! How can I help?<|im_end|>\n")
     assert [s for s, trained in ex.segments if trained] == ["Hello! How can I help?<|im_end|>\n"]
+
+
+@pytest.mark.parametrize("gen", [False, True])
+def test_plain_chatml_renders_exactly_like_the_jinja_template(gen: bool, spec_of: Callable) -> None:
+    """The tokenizer-free stand-in (preflight, `data convert`) must agree with the template that
+    training uses, or a row could pass the cheap check and fail the real one."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    jinja = ImmutableSandboxedEnvironment().from_string(CHATML_TEMPLATE)
+    assert PlainChatML().apply_chat_template(MULTI, add_generation_prompt=gen) == jinja.render(
+        messages=MULTI, add_generation_prompt=gen)
+    # to_example passes chat_template= to every tokenizer, the stand-in included
+    ex = example({"messages": MULTI}, "chat", spec_of(), PlainChatML())
+    assert [s for s, trained in ex.segments if trained] == ["Hello! How can I help?<|im_end|>\n",
+                                                           "It is four.<|im_end|>\n"]
 
 
 def test_prepare_chat_with_tokenizer_without_template_uses_chatml(
