@@ -151,21 +151,22 @@ def _spec(mdir: Path, data: Path, out: Path, args: argparse.Namespace, backend: 
 def arm_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, backend: str) -> dict:
     from sft_job.data import build as build_data
     from sft_job.models.load import load_model, load_tokenizer
-    from sft_job.train.backends import model_attn, resolve
+    from sft_job.train.backends import flattens, model_attn, resolve
     from sft_job.train.trainer import build_trainer
 
     spec = _spec(mdir, data, work / "out", args, backend)
     be = resolve(spec)
     tok = load_tokenizer(spec.model, mdir, need_chat_template=False)
     bundle = build_data(spec.data, tok, work / "data")
-    model = load_model(spec.model, spec.method, mdir, be.torch_dtype(), model_attn("llama", be.attn))
+    model = load_model(spec.model, spec.method, mdir, be.torch_dtype(),
+                       model_attn(mdir, be.attn, spec.data.max_length))
     clock = StepClock.make(args.warmup_steps)
     trainer = build_trainer(spec, be, model, tok, bundle, work / "trainer", [clock])
     col = trainer.data_collator = _Counting(trainer.data_collator)
     _reset_memory()
     trainer.train()
     out = _figures(trainer, col, clock, args)
-    out.update({"attention": be.attn, "flattened": be.flatten_packed, "dtype": be.dtype,
+    out.update({"attention": be.attn, "flattened": flattens(model), "dtype": be.dtype,
                 "batch": f"{args.ours_batch} packed rows of <= {args.seq_len}"})
     del trainer, model
     return out
@@ -271,7 +272,8 @@ def part_b(args: argparse.Namespace, tmp: Path, on_gpu: bool) -> dict[str, Any]:
     tok = load_tokenizer(spec.model, mdir, need_chat_template=False)
     bundle = build_data(spec.data, tok, tmp / "qlora-data")
     _reset_memory()
-    model = load_model(spec.model, spec.method, mdir, be.torch_dtype(), model_attn("llama", be.attn))
+    model = load_model(spec.model, spec.method, mdir, be.torch_dtype(),
+                       model_attn(mdir, be.attn, spec.data.max_length))
     clock = StepClock.make(0)
     trainer = build_trainer(spec, be, model, tok, bundle, tmp / "qlora-trainer", [clock])
     print("  B: qlora ...", flush=True)

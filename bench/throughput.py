@@ -12,8 +12,11 @@ same examples seen) and the same optimizer settings (AdamW, lr, cosine, warmup, 
                 seed-longest (padding is masked, so they must match) and its eval loss is then
                 seed-longest's
   ours          the job's own code: sft_job.data.build (tokenize, completion-only labels, BFD
-                packing into 512-token rows) + sft_job.train.trainer.build_trainer (SFTTrainer,
-                the CPU backend's PackedCollator: per-sample block-diagonal attention)
+                packing into 512-token rows) + sft_job.train.trainer.build_trainer (SFTTrainer;
+                the CPU backend flattens each batch of packed rows into one row and runs
+                varlen_sdpa: causal sdpa per sample, no mask, no cross-sample attention)
+  ours-rows     (--rows) the same packed rows kept as [batch, 512] with plain sdpa and the
+                per-sample block-diagonal mask transformers builds: the previous CPU default
 Useful tokens = the real tokens of the examples (prompt + response + EOS), the same for every
 arm; throughput = useful tokens / seconds of trainer.train(), in wall time and in process CPU
 time (on a shared machine CPU time moves much less with other people's load). Both trained
@@ -94,7 +97,7 @@ class LossLog:
 
 
 def train_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, seed: int,
-               batch: int) -> dict[str, Any]:
+               batch: int, attn: str | None = None) -> dict[str, Any]:
     import torch
 
     from sft_job.data import build as build_data
@@ -107,7 +110,7 @@ def train_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, see
     tok = load_tokenizer(spec.model, mdir, need_chat_template=False)
     bundle = build_data(spec.data, tok, work / "data")
     model = load_model(spec.model, spec.method, mdir, backend.torch_dtype(),
-                       model_attn("llama", backend.attn))
+                       model_attn(mdir, attn or backend.attn, MAX_LEN))
     log = LossLog.make()
     trainer = build_trainer(spec, backend, model, tok, bundle, work / "trainer", [log])
     collator = trainer.data_collator = _Counting(trainer.data_collator)
@@ -241,14 +244,15 @@ def auto_batch(train: list[dict[str, list[int]]]) -> int:
 def one_run(i: int, args: argparse.Namespace, mdir: Path, data: Path, train: list, ev: list,
             pad_id: int, ours_batch: int, root: Path) -> dict[str, dict[str, Any]]:
     seed = 42 + i
-    arms = ["ours", "seed-longest", "seed-512"]
+    arms = ["ours", "seed-longest", "seed-512"] + (["ours-rows"] if args.rows else [])
     order = arms[i % 3:] + arms[:i % 3]  # rotate, so slow spells of the machine hit every arm
     out: dict[str, dict[str, Any]] = {}
     for arm in order:
         work = root / f"run{i}-{arm}"
         print(f"  run {i + 1}: {arm} ...", flush=True)
-        if arm == "ours":
-            r = train_ours(mdir, data, work, args, seed, ours_batch)
+        if arm in ("ours", "ours-rows"):
+            r = train_ours(mdir, data, work, args, seed, ours_batch,
+                           "sdpa" if arm == "ours-rows" else None)
         else:
             r = train_seed(mdir, train, work, args, seed, MAX_LEN if arm == "seed-512" else None,
                            args.max512_steps if arm == "seed-512" and args.max512_steps else None)
@@ -270,7 +274,7 @@ def one_run(i: int, args: argparse.Namespace, mdir: Path, data: Path, train: lis
 
 def report(runs: list[dict[str, dict[str, Any]]], stats: dict, info: dict, args: argparse.Namespace,
            ours_batch: int, n_params: int) -> dict[str, Any]:
-    arms = ["seed-longest", "seed-512", "ours"]
+    arms = ["seed-longest", "seed-512", "ours"] + (["ours-rows"] if args.rows else [])
     col = lambda arm, key: [r[arm][key] for r in runs]  # noqa: E731
     rows = []
     for arm in arms:
@@ -288,7 +292,7 @@ def report(runs: list[dict[str, dict[str, Any]]], stats: dict, info: dict, args:
     print(c.table(["arm", "steps", "examples/step", "slot eff.", "useful tok/s (wall)",
                    "useful tok/CPU-s", "eval loss (response)", "eval loss (all tokens)"], rows))
     ratios = {}
-    for base in ("seed-longest", "seed-512"):
+    for base in ("seed-longest", "seed-512") + (("ours-rows",) if args.rows else ()):
         for unit in ("tps_wall", "tps_cpu"):
             ratios[f"ours/{base} {unit}"] = [r["ours"][unit] / r[base][unit] for r in runs]
     loss_delta = [(r["ours"]["eval_resp"] - r["seed-longest"]["eval_resp"])
@@ -324,6 +328,9 @@ def main() -> None:
                     help="steps of the pad-to-512 arm (0: the whole epoch)")
     ap.add_argument("--ours-batch", default="auto", help="packed rows per step (auto: ~8 examples)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--rows", action="store_true",
+                    help="a 4th arm, ours-rows: the job's packed rows as [batch, 512] with sdpa and "
+                    "a block-diagonal mask instead of flattened rows with varlen_sdpa")
     ap.add_argument("--full", action="store_true",
                     help="the RESULTS.md run: 1600 examples (200 seed steps), 200 eval, 16 pad-512 steps, "
                     "3 runs in parallel")

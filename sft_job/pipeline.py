@@ -127,9 +127,8 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     timings.mark("data")
     _check_stop(stop, "data preparation")
 
-    model_type = _model_type(model_dir)
     model = load_model(spec.model, spec.method, model_dir, backend.torch_dtype(),
-                       model_attn(model_type, backend.attn))
+                       model_attn(model_dir, backend.attn, spec.data.max_length))
     timings.mark("model_load")
     pairs = sample_prompts(spec.eval.prompts, bundle.eval_examples or bundle.train_examples,
                            spec.eval.num_samples, bundle.format, spec.data, tokenizer)
@@ -206,6 +205,7 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     from sft_job.data.tokenize import slot_efficiency
 
     lengths = bundle.stats.pop("train_lengths")
+    ranks = bundle.stats.pop("ranks", [])
     bs, ml = spec.train.batch_size, spec.data.max_length
     summary = {
         "name": spec.name,
@@ -217,12 +217,13 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
         "eval_loss": eval_loss,
         "eval_perplexity": perplexity(eval_loss),
         "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
-        "packing_efficiency": round(slot_efficiency(
-            lengths, bs, ml, "packed" if spec.data.packing else "longest"), 4),
+        # useful / token slots of the batches the model trained on (flattened rows: no padding)
+        "packing_efficiency": round(sum(r.get("tokens", 0) for r in ranks)
+                                    / max(1, sum(r.get("slots", 0) for r in ranks)), 4),
         "efficiency_by_mode": {m: round(slot_efficiency(lengths, bs, ml, m), 4)
                                for m in ("packed", "longest", "max")},
         "merge_max_logit_diff": merge_diff,
-        "ranks": bundle.stats.pop("ranks", []),
+        "ranks": ranks,
         "data": bundle.stats,
         "model_uri": storage.join(out_uri, "model") if model_out else None,
         "adapter_uri": storage.join(out_uri, "adapter") if adapter_out else None,
@@ -263,7 +264,8 @@ def _gather_rank_facts(collator: Any) -> list[dict[str, Any]]:
     """What each rank trained on (tokens, batches, first batch hash) and its peak memory."""
     from sft_job.train.trainer import peak_memory
 
-    mine = {"rank": _rank(), "tokens": collator.tokens, "batches": collator.batches,
+    mine = {"rank": _rank(), "tokens": collator.tokens, "slots": collator.slots,
+            "batches": collator.batches,
             "first_batch_sha": collator.first_batch_sha, **peak_memory()}
     import torch.distributed as dist
 
@@ -347,12 +349,6 @@ def _push_hub(spec: JobSpec, model_out: Path | None, adapter_out: Path | None) -
     push_folder(folder, spec.output.push_to_hub, private=spec.output.hub_private,
                 commit_message=f"sft-job: {spec.name}")
     return spec.output.push_to_hub
-
-
-def _model_type(model_dir: Path) -> str:
-    import json
-
-    return json.loads((model_dir / "config.json").read_text()).get("model_type", "")
 
 
 def _log_plan(spec: JobSpec, trainer: Any, bundle: Any) -> None:

@@ -41,8 +41,10 @@ class ModelSpec(Strict):
         description="Override the tokenizer's chat template: 'chatml' or a Jinja template. "
         "Tokenizers without one get ChatML for chat data.",
     )
-    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel; auto picks per backend and model."
+    attn_implementation: Literal["auto", "eager", "sdpa", "varlen_sdpa", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto picks per backend and model: flash_attention_2 on "
+        "GPUs that have it, else sdpa; eager on TPU; varlen_sdpa (per-sample sdpa over flattened "
+        "packed rows) on CPU when packing, for the models that support it (else sdpa)."
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the Hub.")
 

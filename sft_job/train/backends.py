@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sft_job.errors import UnsupportedError
@@ -18,8 +19,7 @@ log = logging.getLogger(__name__)
 class Backend:
     name: str  # cpu | cuda | tpu
     dtype: str  # float32 | bfloat16 | float16
-    attn: str  # eager | sdpa | flash_attention_2
-    flatten_packed: bool  # varlen kernels: one flattened row per batch is linear in tokens
+    attn: str  # eager | sdpa | varlen_sdpa | flash_attention_2 (model_attn adapts it per model)
     sft_args: dict[str, Any] = field(default_factory=dict)
 
     def torch_dtype(self) -> Any:
@@ -69,15 +69,15 @@ def resolve(spec: JobSpec) -> Backend:
         flash = importlib.util.find_spec("flash_attn") is not None and bf16
         attn = _attn(spec, "flash_attention_2" if flash else "sdpa")
         return Backend("cuda", "bfloat16" if bf16 else "float16", attn,
-                       flatten_packed=attn == "flash_attention_2",
                        sft_args={"bf16": bf16, "fp16": not bf16})
     if name == "tpu":
         from sft_job.train import xla
 
         # sdpa in bf16 fails on XLA; eager attention works everywhere there.
-        return Backend("tpu", "bfloat16", _attn(spec, "eager"), flatten_packed=False,
+        return Backend("tpu", "bfloat16", _attn(spec, "eager"),
                        sft_args=xla.sft_args(spec))  # FSDPv2 over SPMD, XLA AdamW, drop_last
-    return Backend("cpu", "float32", _attn(spec, "sdpa"), flatten_packed=False,
+    # packed rows on CPU: per-sample sdpa over flattened rows (bench/RESULTS.md: the fastest)
+    return Backend("cpu", "float32", _attn(spec, "varlen_sdpa" if spec.data.packing else "sdpa"),
                    sft_args={"use_cpu": True, "bf16": False, "fp16": False})
 
 
@@ -87,8 +87,29 @@ def _attn(spec: JobSpec, default: str) -> str:
     return default
 
 
-def model_attn(model_type: str, attn: str) -> str:
-    """Some architectures have no sdpa path (GPT-Neo): use eager there."""
-    if attn == "sdpa" and model_type in ("gpt_neo",):
+def model_attn(model_dir: Path, attn: str, max_length: int) -> str:
+    """The attention to load `model_dir`'s model with: varlen_sdpa only where the model
+    supports it (else sdpa), and eager for architectures without sdpa (GPT-Neo)."""
+    import json
+    from types import SimpleNamespace
+
+    from sft_job.train import varlen
+
+    config = SimpleNamespace(**json.loads((model_dir / "config.json").read_text()))
+    if attn == varlen.NAME:
+        if varlen.supports(config, max_length):
+            return varlen.register()
+        log.info("attention: no varlen_sdpa for %s here, using sdpa",
+                 getattr(config, "model_type", "this model"))
+        attn = "sdpa"
+    if attn == "sdpa" and getattr(config, "model_type", "") in ("gpt_neo",):
         return "eager"
     return attn
+
+
+def flattens(model: Any) -> bool:
+    """Whether packed rows go to `model` flattened (one row per batch, varlen attention)."""
+    from sft_job.train import varlen
+
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return attn in ("flash_attention_2", "flash_attention_3", varlen.NAME)

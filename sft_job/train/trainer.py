@@ -15,17 +15,19 @@ from sft_job.data import DataBundle
 from sft_job.data.tokenize import make_collator
 from sft_job.errors import SpecError
 from sft_job.spec import JobSpec
-from sft_job.train.backends import Backend
+from sft_job.train.backends import Backend, flattens
 
 log = logging.getLogger(__name__)
 
 
 class CountingCollator:
-    """Wraps a collator and counts the real (non-pad) tokens it hands out, for tokens/s."""
+    """Wraps a collator and counts the real (non-pad) tokens it hands out, for tokens/s, and
+    the token slots they took (padding included), for the packing efficiency."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.tokens = 0
+        self.slots = 0
         self.batches = 0
         self.first_batch_sha = ""  # which data this rank saw first (data-parallel evidence)
 
@@ -37,7 +39,9 @@ class CountingCollator:
             ids = ",".join(str(t) for e in examples for t in e["input_ids"])
             self.first_batch_sha = hashlib.sha256(ids.encode()).hexdigest()[:12]
         self.batches += 1
-        return self.inner(examples)
+        batch = self.inner(examples)
+        self.slots += int(batch["input_ids"].numel())
+        return batch
 
 
 def sft_config(spec: JobSpec, backend: Backend, output_dir: Path, has_eval: bool) -> Any:
@@ -107,7 +111,7 @@ def build_trainer(spec: JobSpec, backend: Backend, model: Any, tokenizer: Any,
 
     config = sft_config(spec, backend, output_dir, bool(bundle.eval))
     collator = CountingCollator(make_collator(
-        tokenizer.pad_token_id, packing=spec.data.packing, flatten=backend.flatten_packed,
+        tokenizer.pad_token_id, packing=spec.data.packing, flatten=flattens(model),
         pad_to_multiple_of=None if backend.name != "tpu" else spec.data.max_length))
     train_ds = Dataset.from_list(bundle.train)
     eval_ds = Dataset.from_list(bundle.eval) if bundle.eval else None

@@ -15,7 +15,8 @@ from sft_job.data.load import Record
 from sft_job.data.tokenize import IGNORE, make_collator, pack, tokenize_all
 
 MODELS = [("builtin:tiny-llama", "sdpa"), ("builtin:tiny-gpt2", "sdpa"),
-          ("builtin:tiny-llama", "eager"), ("builtin:tiny-gpt2", "eager")]
+          ("builtin:tiny-llama", "eager"), ("builtin:tiny-gpt2", "eager"),
+          ("builtin:tiny-llama", "varlen_sdpa"), ("builtin:tiny-gpt2", "varlen_sdpa")]
 ROW_CAP = 96  # a few polite-set samples (20-45 tokens each) per packed row
 
 
@@ -24,7 +25,11 @@ def model(request: pytest.FixtureRequest, tiny_llama_dir: Path, tiny_gpt2_dir: P
     import torch
     from transformers import AutoModelForCausalLM
 
+    from sft_job.train import varlen
+
     name, attn = request.param
+    if attn == varlen.NAME:
+        varlen.register()
     path = tiny_llama_dir if name == "builtin:tiny-llama" else tiny_gpt2_dir
     m = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=attn,
                                              dtype=torch.float32)
