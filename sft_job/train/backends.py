@@ -29,9 +29,11 @@ class Backend:
 
 
 def tpu_present() -> bool:
-    """A TPU runtime is configured: PJRT_DEVICE=TPU, or libtpu and torch_xla installed."""
-    if os.environ.get("PJRT_DEVICE", "").upper() == "TPU":
-        return True
+    """A TPU runtime is configured: PJRT_DEVICE=TPU, or (PJRT_DEVICE unset) libtpu and
+    torch_xla installed. An explicit PJRT_DEVICE=CPU/CUDA on a TPU image means no TPU."""
+    pjrt = os.environ.get("PJRT_DEVICE", "").upper()
+    if pjrt:
+        return pjrt == "TPU"
     return (importlib.util.find_spec("libtpu") is not None
             and importlib.util.find_spec("torch_xla") is not None)
 

@@ -1,0 +1,30 @@
+"""train/backends.py: the TPU detection rules `backend: auto` relies on."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from sft_job.train import backends
+
+
+@pytest.mark.parametrize(("pjrt", "libs", "expected"), [
+    ("TPU", False, True),
+    ("tpu", False, True),
+    ("CPU", True, False),  # an explicit PJRT_DEVICE wins over what is installed (XLA on CPU)
+    ("CUDA", True, False),
+    ("", True, True),  # unset: libtpu + torch_xla installed means a TPU VM or GKE TPU node
+    ("", False, False),
+])
+def test_tpu_present(monkeypatch: pytest.MonkeyPatch, pjrt: str, libs: bool, expected: bool) -> None:
+    if pjrt:
+        monkeypatch.setenv("PJRT_DEVICE", pjrt)
+    else:
+        monkeypatch.delenv("PJRT_DEVICE", raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if libs else None)
+                        if name in ("libtpu", "torch_xla") else real(name, *a))
+    assert backends.tpu_present() is expected
+
