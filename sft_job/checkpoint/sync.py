@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -93,6 +94,15 @@ class Uploader:
         for old in committed[self.keep:]:
             log.info("deleting old checkpoint %s", old)
             storage.delete_prefix(old)  # marker first, so a half-deleted one is never 'committed'
+        # uploads cut short (a preempted run) older than a committed checkpoint can never be
+        # resumed from: remove them too, or they would stay in the bucket for good
+        done = {u.rstrip("/").rsplit("/", 1)[-1] for u in committed}
+        names = {k.split("/", 1)[0] for k in storage.list_keys(self.uri) if "/" in k}
+        for name in sorted(names - done):
+            m = re.fullmatch(r"step-(\d+)", name)
+            if m and int(m.group(1)) < newest:
+                log.info("deleting the unfinished upload %s", name)
+                storage.delete_prefix(storage.join(self.uri, name))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every submitted upload is done (True) or `timeout` passes (False)."""
