@@ -11,7 +11,11 @@ random sampler feeds them (batch 8), on Alpaca-like examples (bench/_common.py):
   grouped       the same, with HF's length-grouped sampler (Trainer train_sampling_strategy
                 group_by_length): batches of similar lengths, no packing
   packed xB     sft_job.data.tokenize.pack (TRL BFD into 512-token rows) + the job's
-                PackedCollator, B rows per batch ([B, longest row]); 8 is the job's default
+                PackedCollator, B rows per batch ([B, longest row], sdpa with a block-diagonal
+                mask; the job's layout for models without varlen_sdpa support)
+  flattened x2  the same rows flattened into one padding-free row: the job's CPU default,
+                trained with varlen_sdpa (per-sample sdpa); --cost also times it with plain
+                sdpa, whose block-diagonal mask over the whole row is quadratic
 and compared with sft_job.data.tokenize.slot_efficiency, the estimate the job writes to
 summary.json (`packing_efficiency`, `efficiency_by_mode`); the smoke job is then run for two
 steps to show the figures in its summary.json (skip with --no-job).
@@ -92,7 +96,7 @@ def batchings(rows: list[dict[str, list[int]]], tok: Any, seed: int = 0
         "grouped": chunks(grouped, plain, longest, BATCH),
         "packed x8": chunks(prow, packed, pcol, 8),
         "packed x2": chunks(prow, packed, pcol, 2),
-        "flattened x2": chunks(prow, packed, flat, 2),
+        "flattened x2": chunks(prow, packed, flat, 2),  # the job's CPU default (varlen_sdpa)
     }
 
 
@@ -146,10 +150,14 @@ def cost_table(rows: list[dict[str, list[int]]], tok: Any, n: int, steps512: int
     useful = sum(len(r["input_ids"]) for r in sub)
     mdir = c.model_dir("llama-20m")
     b = batchings(sub, tok)
+    from sft_job.train import varlen
+
     b["pad-512"] = b["pad-512"][:steps512]  # same cost per slot all along: a few steps do
+    b["flattened x2, sdpa mask"] = b["flattened x2"]  # TRL's flattened row without varlen kernels
+    attn = {"flattened x2": varlen.register()}
     out: dict[str, Any] = {}
     for name, batches in b.items():
-        model = AutoModelForCausalLM.from_pretrained(str(mdir), attn_implementation="sdpa",
+        model = AutoModelForCausalLM.from_pretrained(str(mdir), attn_implementation=attn.get(name, "sdpa"),
                                                      dtype=torch.float32)
         model.config.use_cache = False
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -15,8 +15,12 @@ same examples seen) and the same optimizer settings (AdamW, lr, cosine, warmup, 
                 packing into 512-token rows) + sft_job.train.trainer.build_trainer (SFTTrainer;
                 the CPU backend flattens each batch of packed rows into one row and runs
                 varlen_sdpa: causal sdpa per sample, no mask, no cross-sample attention)
-  ours-rows     (--rows) the same packed rows kept as [batch, 512] with plain sdpa and the
-                per-sample block-diagonal mask transformers builds: the previous CPU default
+  ours-unpacked the job with data.packing: false: batches of 8 samples, as the seeds' (same
+                steps, same examples per step), flattened into one padding-free row and run
+                with varlen_sdpa
+  ours-rows     (--arms ...,ours-rows) the packed rows kept as [batch, 512] with plain sdpa and
+                the per-sample block-diagonal mask transformers builds (the CPU default before
+                varlen_sdpa)
 Useful tokens = the real tokens of the examples (prompt + response + EOS), the same for every
 arm; throughput = useful tokens / seconds of trainer.train(), in wall time and in process CPU
 time (on a shared machine CPU time moves much less with other people's load). Both trained
@@ -45,6 +49,7 @@ import _common as c
 
 BATCH = 8
 MAX_LEN = 512
+ARMS = ["seed-longest", "seed-512", "ours", "ours-unpacked", "ours-rows"]
 
 
 def job_spec(mdir: Path, data: Path, out: Path, args: argparse.Namespace, seed: int,
@@ -97,7 +102,7 @@ class LossLog:
 
 
 def train_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, seed: int,
-               batch: int, attn: str | None = None) -> dict[str, Any]:
+               batch: int, attn: str | None = None, packing: bool = True) -> dict[str, Any]:
     import torch
 
     from sft_job.data import build as build_data
@@ -105,7 +110,7 @@ def train_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, see
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer
 
-    spec = job_spec(mdir, data, work / "out", args, seed, packing=True, batch=batch)
+    spec = job_spec(mdir, data, work / "out", args, seed, packing=packing, batch=batch)
     backend = resolve(spec)
     tok = load_tokenizer(spec.model, mdir, need_chat_template=False)
     bundle = build_data(spec.data, tok, work / "data")
@@ -244,15 +249,16 @@ def auto_batch(train: list[dict[str, list[int]]]) -> int:
 def one_run(i: int, args: argparse.Namespace, mdir: Path, data: Path, train: list, ev: list,
             pad_id: int, ours_batch: int, root: Path) -> dict[str, dict[str, Any]]:
     seed = 42 + i
-    arms = ["ours", "seed-longest", "seed-512"] + (["ours-rows"] if args.rows else [])
-    order = arms[i % 3:] + arms[:i % 3]  # rotate, so slow spells of the machine hit every arm
+    arms = args.arms
+    order = arms[i % len(arms):] + arms[:i % len(arms)]  # rotate: slow spells hit every arm
     out: dict[str, dict[str, Any]] = {}
     for arm in order:
         work = root / f"run{i}-{arm}"
         print(f"  run {i + 1}: {arm} ...", flush=True)
-        if arm in ("ours", "ours-rows"):
-            r = train_ours(mdir, data, work, args, seed, ours_batch,
-                           "sdpa" if arm == "ours-rows" else None)
+        if arm.startswith("ours"):
+            r = train_ours(mdir, data, work, args, seed,
+                           BATCH if arm == "ours-unpacked" else ours_batch,
+                           "sdpa" if arm == "ours-rows" else None, packing=arm != "ours-unpacked")
         else:
             r = train_seed(mdir, train, work, args, seed, MAX_LEN if arm == "seed-512" else None,
                            args.max512_steps if arm == "seed-512" and args.max512_steps else None)
@@ -274,7 +280,7 @@ def one_run(i: int, args: argparse.Namespace, mdir: Path, data: Path, train: lis
 
 def report(runs: list[dict[str, dict[str, Any]]], stats: dict, info: dict, args: argparse.Namespace,
            ours_batch: int, n_params: int) -> dict[str, Any]:
-    arms = ["seed-longest", "seed-512", "ours"] + (["ours-rows"] if args.rows else [])
+    arms = sorted(args.arms, key=ARMS.index)
     col = lambda arm, key: [r[arm][key] for r in runs]  # noqa: E731
     rows = []
     for arm in arms:
@@ -292,23 +298,27 @@ def report(runs: list[dict[str, dict[str, Any]]], stats: dict, info: dict, args:
     print(c.table(["arm", "steps", "examples/step", "slot eff.", "useful tok/s (wall)",
                    "useful tok/CPU-s", "eval loss (response)", "eval loss (all tokens)"], rows))
     ratios = {}
-    for base in ("seed-longest", "seed-512") + (("ours-rows",) if args.rows else ()):
-        for unit in ("tps_wall", "tps_cpu"):
-            ratios[f"ours/{base} {unit}"] = [r["ours"][unit] / r[base][unit] for r in runs]
-    loss_delta = [(r["ours"]["eval_resp"] - r["seed-longest"]["eval_resp"])
-                  / r["seed-longest"]["eval_resp"] for r in runs]
+    ours_arms = [a for a in arms if a.startswith("ours")]
+    for arm in ours_arms:
+        for base in [b for b in arms if b.startswith("seed")] + (["ours-rows"] if arm == "ours" and
+                                                                 "ours-rows" in arms else []):
+            for unit in ("tps_wall", "tps_cpu"):
+                ratios[f"{arm}/{base} {unit}"] = [r[arm][unit] / r[base][unit] for r in runs]
+    loss_delta = {arm: [(r[arm]["eval_resp"] - r["seed-longest"]["eval_resp"])
+                        / r["seed-longest"]["eval_resp"] for r in runs] for arm in ours_arms}
     print()
     print(c.table(["ratio (same run), min / median / max", "value"],
                   [[k, c.spread(v)] for k, v in ratios.items()]
-                  + [["ours vs seed-longest, eval loss (response), relative",
-                      c.spread([100 * d for d in loss_delta]) + " %"],
-                     ["seed-512 vs seed-longest per-step loss, max |diff|",
+                  + [[f"{arm} vs seed-longest, eval loss (response), relative",
+                      c.spread([100 * d for d in v]) + " %"] for arm, v in loss_delta.items()]
+                  + [["seed-512 vs seed-longest per-step loss, max |diff|",
                       f"{max(r['seed-512']['loss_match'] for r in runs):.2e}"]]))
     med = {k: statistics.median(v) for k, v in ratios.items()}
-    ok = med["ours/seed-longest tps_wall"] >= 2 and med["ours/seed-512 tps_wall"] >= 3.5
-    print(f"\ngoal (>= 2x pad-to-longest, >= 3.5x pad-to-512, median wall): "
-          f"{'met' if ok else 'NOT met'}; loss goal (ours <= seed-longest + 1%): "
-          f"{'met' if statistics.median(loss_delta) <= 0.01 else 'NOT met'}")
+    for arm in ours_arms:
+        ok = med[f"{arm}/seed-longest tps_wall"] >= 2 and med[f"{arm}/seed-512 tps_wall"] >= 3.5
+        print(f"{arm}: speed goal (>= 2x pad-to-longest, >= 3.5x pad-to-512, median wall) "
+              f"{'met' if ok else 'NOT met'}; loss goal (<= seed-longest + 1%) "
+              f"{'met' if statistics.median(loss_delta[arm]) <= 0.01 else 'NOT met'}")
     slim = [{a: {k: v for k, v in r[a].items()} for a in r} for r in runs]
     return {"machine": info, "args": vars(args), "data": stats, "ours_batch": ours_batch,
             "params": n_params, "runs": slim, "ratios": ratios, "loss_delta": loss_delta}
@@ -328,15 +338,18 @@ def main() -> None:
                     help="steps of the pad-to-512 arm (0: the whole epoch)")
     ap.add_argument("--ours-batch", default="auto", help="packed rows per step (auto: ~8 examples)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    ap.add_argument("--rows", action="store_true",
-                    help="a 4th arm, ours-rows: the job's packed rows as [batch, 512] with sdpa and "
-                    "a block-diagonal mask instead of flattened rows with varlen_sdpa")
+    ap.add_argument("--arms", default="seed-longest,seed-512,ours,ours-unpacked",
+                    type=lambda s: [a for a in s.split(",") if a],
+                    help=f"comma-separated, among {','.join(ARMS)} (seed-longest and seed-512 "
+                    "are needed)")
     ap.add_argument("--full", action="store_true",
                     help="the RESULTS.md run: 1600 examples (200 seed steps), 200 eval, 16 pad-512 steps, "
                     "3 runs in parallel")
     ap.add_argument("--json", help="write every figure to this file")
     ap.add_argument("--only-run", type=int, help=argparse.SUPPRESS)  # a child of --jobs
     args = ap.parse_args()
+    if not {"seed-longest", "seed-512"} <= set(args.arms) or not set(args.arms) <= set(ARMS):
+        ap.error(f"--arms: choose among {','.join(ARMS)}, seed-longest and seed-512 included")
     if args.full:
         args.examples, args.max512_steps, args.jobs = max(args.examples, 1600), 16, args.runs
         args.eval_examples = max(args.eval_examples, 200)

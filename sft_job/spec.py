@@ -43,8 +43,8 @@ class ModelSpec(Strict):
     )
     attn_implementation: Literal["auto", "eager", "sdpa", "varlen_sdpa", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; auto picks per backend and model: flash_attention_2 on "
-        "GPUs that have it, else sdpa; eager on TPU; varlen_sdpa (per-sample sdpa over flattened "
-        "packed rows) on CPU when packing, for the models that support it (else sdpa)."
+        "GPUs that have it, else sdpa; eager on TPU; varlen_sdpa on CPU (per-sample sdpa over "
+        "padding-free flattened batches) for the models that support it, else sdpa."
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the Hub.")
 

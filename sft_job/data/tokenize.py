@@ -173,10 +173,11 @@ class PackedCollator:
 
 def make_collator(pad_token_id: int, packing: bool, flatten: bool,
                   pad_to_multiple_of: int | None = None) -> Any:
-    """The collator for the chosen batching (packed rows, flattened, or padded)."""
+    """The collator for the chosen batching: packed rows (flattened into one row when the
+    attention is varlen), or samples, flattened padding-free when varlen else padded."""
     if packing:
         return PackedCollator(pad_token_id, flatten=flatten, pad_to_multiple_of=pad_to_multiple_of)
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id,
+    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=flatten,
                                            pad_to_multiple_of=pad_to_multiple_of)

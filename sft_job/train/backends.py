@@ -78,8 +78,8 @@ def resolve(spec: JobSpec) -> Backend:
         # sdpa in bf16 fails on XLA; eager attention works everywhere there.
         return Backend("tpu", "bfloat16", _attn(spec, "eager"),
                        sft_args=xla.sft_args(spec))  # FSDPv2 over SPMD, XLA AdamW, drop_last
-    # packed rows on CPU: per-sample sdpa over flattened rows (bench/RESULTS.md: the fastest)
-    return Backend("cpu", "float32", _attn(spec, "varlen_sdpa" if spec.data.packing else "sdpa"),
+    # per-sample sdpa over flattened (padding-free) batches, packed or not: bench/RESULTS.md
+    return Backend("cpu", "float32", _attn(spec, "varlen_sdpa"),
                    sft_args={"use_cpu": True, "bf16": False, "fp16": False})
 
 

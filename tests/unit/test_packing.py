@@ -156,3 +156,17 @@ def test_no_sample_sees_another(model: Any, masked_rows: list, tok: Any, flatten
                       use_cache=False).logits[0]
         torch.testing.assert_close(before[pos:pos + n], alone.detach(), atol=1e-5, rtol=0)
         pos += n
+
+
+def test_padding_free_unpacked_batch_loss_equals_one_by_one(model: Any, masked_rows: list,
+                                                            tok: Any) -> None:
+    """packing: false on a varlen backend: the batch's samples flattened into one row."""
+    import torch
+
+    batch = make_collator(tok.pad_token_id, packing=False, flatten=True)(masked_rows)
+    assert batch["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in masked_rows))
+    assert "attention_mask" not in batch
+    total, count = _one_by_one(model, masked_rows)
+    with torch.no_grad():
+        loss = float(model(**batch, use_cache=False).loss)
+    assert loss == pytest.approx(total / count, abs=1e-5)

@@ -132,7 +132,7 @@ def test_model_attn_picks_per_model(tmp_path: Path, tiny_llama_dir: Path, tiny_g
     assert model_attn(tiny_llama_dir, "sdpa", 512) == "sdpa"
 
 
-def test_cpu_backend_default_follows_packing() -> None:
+def test_cpu_backend_default_is_varlen_packed_or_not() -> None:
     from sft_job.spec import JobSpec
     from sft_job.train.backends import resolve
 
@@ -142,7 +142,7 @@ def test_cpu_backend_default_follows_packing() -> None:
                                        "output": {"uri": "out"}})
 
     assert resolve(spec()).attn == "varlen_sdpa"
-    assert resolve(spec(packing=False)).attn == "sdpa"
+    assert resolve(spec(packing=False)).attn == "varlen_sdpa"  # padding-free batches of samples
 
 
 def test_saved_config_does_not_name_the_attention(tmp_path: Path, tiny_llama_dir: Path) -> None:
