@@ -21,6 +21,8 @@ same examples seen) and the same optimizer settings (AdamW, lr, cosine, warmup, 
   ours-rows     (--arms ...,ours-rows) the packed rows kept as [batch, 512] with plain sdpa and
                 the per-sample block-diagonal mask transformers builds (the CPU default before
                 varlen_sdpa)
+  ours-prompt   (--arms ...,ours-prompt) ours with data.train_on_prompt: true, the seeds' loss
+                on every token: separates the cost of the batching from that of the objective
 Useful tokens = the real tokens of the examples (prompt + response + EOS), the same for every
 arm; throughput = useful tokens / seconds of trainer.train(), in wall time and in process CPU
 time (on a shared machine CPU time moves much less with other people's load). Both trained
@@ -49,18 +51,19 @@ import _common as c
 
 BATCH = 8
 MAX_LEN = 512
-ARMS = ["seed-longest", "seed-512", "ours", "ours-unpacked", "ours-rows"]
+ARMS = ["seed-longest", "seed-512", "ours", "ours-unpacked", "ours-rows", "ours-prompt"]
 
 
 def job_spec(mdir: Path, data: Path, out: Path, args: argparse.Namespace, seed: int,
-             packing: bool, batch: int) -> Any:
+             packing: bool, batch: int, train_on_prompt: bool = False) -> Any:
     from sft_job.spec import JobSpec
 
     return JobSpec.model_validate({
         "name": "bench-throughput",
         "model": {"base": str(mdir)},
         "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"),
-                 "format": "alpaca", "max_length": MAX_LEN, "packing": packing, "seed": seed},
+                 "format": "alpaca", "max_length": MAX_LEN, "packing": packing, "seed": seed,
+                 "train_on_prompt": train_on_prompt},
         "method": {"kind": "full"},
         "train": {"epochs": 1, "learning_rate": args.lr, "batch_size": batch,
                   "lr_scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0,
@@ -102,7 +105,8 @@ class LossLog:
 
 
 def train_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, seed: int,
-               batch: int, attn: str | None = None, packing: bool = True) -> dict[str, Any]:
+               batch: int, attn: str | None = None, packing: bool = True,
+               train_on_prompt: bool = False) -> dict[str, Any]:
     import torch
 
     from sft_job.data import build as build_data
@@ -110,7 +114,8 @@ def train_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, see
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer
 
-    spec = job_spec(mdir, data, work / "out", args, seed, packing=packing, batch=batch)
+    spec = job_spec(mdir, data, work / "out", args, seed, packing=packing, batch=batch,
+                    train_on_prompt=train_on_prompt)
     backend = resolve(spec)
     tok = load_tokenizer(spec.model, mdir, need_chat_template=False)
     bundle = build_data(spec.data, tok, work / "data")
@@ -258,7 +263,8 @@ def one_run(i: int, args: argparse.Namespace, mdir: Path, data: Path, train: lis
         if arm.startswith("ours"):
             r = train_ours(mdir, data, work, args, seed,
                            BATCH if arm == "ours-unpacked" else ours_batch,
-                           "sdpa" if arm == "ours-rows" else None, packing=arm != "ours-unpacked")
+                           "sdpa" if arm == "ours-rows" else None, packing=arm != "ours-unpacked",
+                           train_on_prompt=arm == "ours-prompt")
         else:
             r = train_seed(mdir, train, work, args, seed, MAX_LEN if arm == "seed-512" else None,
                            args.max512_steps if arm == "seed-512" and args.max512_steps else None)
