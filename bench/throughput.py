@@ -227,6 +227,8 @@ def prepare(args: argparse.Namespace, root: Path) -> tuple[Path, Path, Any, list
 
     mdir = c.model_dir(args.model)
     tok = AutoTokenizer.from_pretrained(str(mdir))
+    if args.pretrain_examples:
+        mdir = pretrained(mdir, tok, args, root)
     data = root / "data"
     c.write_jsonl(data / "train.jsonl", c.alpaca_rows(args.examples, seed=1, tokenizer=tok))
     c.write_jsonl(data / "eval.jsonl", c.alpaca_rows(args.eval_examples, seed=2, tokenizer=tok))
@@ -238,6 +240,32 @@ def prepare(args: argparse.Namespace, root: Path) -> tuple[Path, Path, Any, list
                                                                           strict=True)])
     stats["truncated"] = bundle.stats["truncated"]
     return mdir, data, tok, train, ev, stats
+
+
+def pretrained(mdir: Path, tok: Any, args: argparse.Namespace, root: Path) -> Path:
+    """The random model after one epoch of plain LM training (every token, the seeds' recipe)
+    on --pretrain-examples other generated examples, so every arm starts from a model that
+    already knows the language, as SFT does; cached next to the random model."""
+    import os
+    import tempfile
+
+    from sft_job.data import build as build_data
+
+    d = mdir.parent / f"{mdir.name}-pre{args.pretrain_examples}"
+    if (d / "config.json").is_file():
+        return d
+    src = root / "pretrain"
+    c.write_jsonl(src / "train.jsonl", c.alpaca_rows(args.pretrain_examples, seed=3, tokenizer=tok))
+    spec = job_spec(mdir, src, root / "po", args, 7, packing=False, batch=BATCH, train_on_prompt=True)
+    rows = build_data(spec.data.model_copy(update={"eval": None, "eval_fraction": 0.0}), tok,
+                      root / "pprep").train
+    print(f"pre-training {mdir.name} on {len(rows)} examples (all tokens) ...", flush=True)
+    r = train_seed(mdir, rows, root / "pretrain-run", args, 7, None, None)
+    tmp = Path(tempfile.mkdtemp(prefix=".pre-", dir=mdir.parent))
+    r["model"].save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, d)
+    return d
 
 
 def auto_batch(train: list[dict[str, list[int]]]) -> int:
@@ -344,6 +372,9 @@ def main() -> None:
                     help="steps of the pad-to-512 arm (0: the whole epoch)")
     ap.add_argument("--ours-batch", default="auto", help="packed rows per step (auto: ~8 examples)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--pretrain-examples", type=int, default=0,
+                    help="first train the random model on N other examples, every token (cached), "
+                    "so the arms start from a model that knows the language, as SFT does")
     ap.add_argument("--arms", default="seed-longest,seed-512,ours,ours-unpacked",
                     type=lambda s: [a for a in s.split(",") if a],
                     help=f"comma-separated, among {','.join(ARMS)} (seed-longest and seed-512 "
