@@ -73,7 +73,9 @@ class Progress:
     keeper: Keeper
     kept: dict[str, list[Pair]] = field(default_factory=dict)
     requests: Counter[str] = field(default_factory=Counter)
-    next_i: Counter[str] = field(default_factory=Counter)
+    # request numbers handed out per topic (finished ones from the journal, then this run's):
+    # a resumed run fills the gaps that requests in flight at the stop left, in order
+    used_i: dict[str, set[int]] = field(default_factory=dict)
     rejects: Counter[str] = field(default_factory=Counter)
     surplus: int = 0  # valid pairs beyond a topic's quota (unused; another --n may use them)
     cut_off: int = 0  # answers that hit the token limit (finish_reason "length")
@@ -82,7 +84,7 @@ class Progress:
         """Replay or record one finished request."""
         topic = entry["topic"]
         self.requests[topic] += 1
-        self.next_i[topic] = max(self.next_i[topic], entry["i"] + 1)
+        self.used_i.setdefault(topic, set()).add(entry["i"])
         self.rejects.update(entry.get("rejects", {}))
         self.cut_off += entry.get("finish_reason") == "length"
         if topic not in self.quota:
@@ -131,8 +133,9 @@ class Planner:
                 best, best_gap = t, gap / q
         if best is None:
             return None
-        i = self.p.next_i[best.name]
-        self.p.next_i[best.name] += 1
+        used = self.p.used_i.setdefault(best.name, set())
+        i = next(k for k in range(len(used) + 1) if k not in used)
+        used.add(i)
         return Job(best, i, min(self.cfg.per_request, self.p.quota[best.name]))
 
     def short_topics(self) -> list[str]:
