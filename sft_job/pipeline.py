@@ -218,8 +218,7 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
         "eval_perplexity": perplexity(eval_loss),
         "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
         # useful / token slots of the batches the model trained on (flattened rows: no padding)
-        "packing_efficiency": round(sum(r.get("tokens", 0) for r in ranks)
-                                    / max(1, sum(r.get("slots", 0) for r in ranks)), 4),
+        "packing_efficiency": _efficiency(ranks),
         "efficiency_by_mode": {m: round(slot_efficiency(lengths, bs, ml, m), 4)
                                for m in ("packed", "longest", "max")},
         "merge_max_logit_diff": merge_diff,
@@ -258,6 +257,13 @@ def _stop_after_checkpoint(spec: JobSpec, trainer: Any, uploader: Any, stop: Any
     raise Preempted(f"preempted by {stop.signame} at step {step}: the checkpoint upload did not "
                     f"finish within output.stop_budget_seconds={spec.output.stop_budget_seconds}; "
                     "it is not committed, a rerun resumes from the previous one")
+
+
+def _efficiency(ranks: list[dict[str, Any]]) -> float | None:
+    """Useful tokens / token slots over every rank's batches; None when none were trained here
+    (a rerun that found the final checkpoint)."""
+    slots = sum(r["slots"] for r in ranks)
+    return round(sum(r["tokens"] for r in ranks) / slots, 4) if slots else None
 
 
 def _gather_rank_facts(collator: Any) -> list[dict[str, Any]]:

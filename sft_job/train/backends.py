@@ -59,6 +59,9 @@ def resolve(spec: JobSpec) -> Backend:
     if name == "cuda" and not cuda_present():
         raise UnsupportedError("backend: cuda asked for but no CUDA GPU is visible "
                                "(check the pod's nvidia.com/gpu limit); use backend: auto or cpu")
+    if name == "tpu" and spec.model.attn_implementation in ("varlen_sdpa", "flash_attention_2"):
+        raise UnsupportedError(f"model.attn_implementation: {spec.model.attn_implementation} does not "
+                               "run on TPU (static shapes); use auto or eager")
     if name == "tpu" and importlib.util.find_spec("torch_xla") is None:
         raise UnsupportedError("backend: tpu needs torch_xla (use the TPU image or `pip install "
                                "sft-job[tpu]`)")

@@ -63,7 +63,11 @@ def varlen_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: A
 
     packed = (attention_mask is None and position_ids is not None
               and query.shape[2] == key.shape[2] == position_ids.shape[-1] > 1)
-    rows = [segments(p) for p in position_ids.reshape(-1, position_ids.shape[-1])] if packed else []
+    cu = kwargs.get("cu_seq_lens_q")  # TRL's padding-free collator computes the boundaries
+    if packed and cu is not None and query.shape[0] == 1:
+        rows = [list(itertools.pairwise(cu.tolist()))]
+    else:
+        rows = [segments(p) for p in position_ids.reshape(-1, position_ids.shape[-1])] if packed else []
     if not any(len(r) > 1 for r in rows):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if len(rows) == 1 and query.shape[0] > 1:  # one set of position ids for the whole batch

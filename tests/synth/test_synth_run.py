@@ -200,3 +200,19 @@ def test_journal_lines_are_complete_json(tmp_path: Path) -> None:
     assert json.loads(lines[0])["kind"] == "header"
     counts = Counter(json.loads(x)["topic"] for x in lines[1:])
     assert counts == {"python": 10, "sql": 4}
+
+
+def test_resume_redoes_a_request_left_unfinished_under_its_own_number(tmp_path: Path) -> None:
+    """The journal has requests 0, 1, 2 and 4 of a topic (3 was in flight at the stop): the next
+    run asks 3 first, then 5; never a number already done."""
+    from sft_job.synth.dedup import Keeper
+    from sft_job.synth.run import Planner, Progress
+    from sft_job.synth.topics import Topic
+
+    cfg = make_cfg("http://127.0.0.1:1", str(tmp_path / "o.jsonl"), tmp_path,
+                   topics=[Topic(name="python", weight=1)], max_requests=20)
+    progress = Progress(quota={"python": cfg.n}, keeper=Keeper())
+    for i in (0, 1, 2, 4):
+        progress.apply({"topic": "python", "i": i, "pairs": []})
+    planner = Planner(cfg, progress)
+    assert [planner.next().i for _ in range(3)] == [3, 5, 6]

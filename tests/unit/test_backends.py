@@ -28,3 +28,15 @@ def test_tpu_present(monkeypatch: pytest.MonkeyPatch, pjrt: str, libs: bool, exp
                         if name in ("libtpu", "torch_xla") else real(name, *a))
     assert backends.tpu_present() is expected
 
+
+
+@pytest.mark.parametrize("attn", ["varlen_sdpa", "flash_attention_2"])
+def test_tpu_refuses_attention_it_cannot_run(attn: str) -> None:
+    from sft_job.errors import UnsupportedError
+    from sft_job.spec import JobSpec
+
+    spec = JobSpec.model_validate({"name": "t", "backend": "tpu",
+                                   "model": {"base": "builtin:tiny-llama", "attn_implementation": attn},
+                                   "data": {"train": "x.jsonl"}, "output": {"uri": "out"}})
+    with pytest.raises(UnsupportedError, match=rf"model.attn_implementation: {attn} .*use auto or eager"):
+        backends.resolve(spec)
