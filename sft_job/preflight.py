@@ -223,33 +223,59 @@ def _check_storage(spec: JobSpec, rep: Report, probe_out: bool = True) -> None:
 
 
 def _check_model_files(spec: JobSpec, rep: Report) -> None:
-    """The base model's folder or prefix holds a config and weights (no download)."""
+    """The base model's folder, file or prefix holds a config and weights (no download)."""
+    from sft_job.models import source
     from sft_job.models.load import check_model_dir
 
     base = spec.model.base
     if rep.has("model.base"):
         return
     try:
-        if base.startswith("builtin:"):
+        src = source.parse(base)
+        if src.kind == "builtin":
             if base not in BUILTIN_MODELS:
                 raise SpecError(f"unknown builtin model '{base}' (choose "
                                 f"{', '.join(BUILTIN_MODELS)})")
-        elif base.startswith(("s3://", "gs://")):
+            if base == "builtin:smollm2-135m":
+                from sft_job.models.builtin import packaged_file
+
+                packaged_file("smollm2-135m")
+        elif src.gguf:
+            _check_gguf(src)
+        elif src.kind == "bucket":
             _check_bucket_model(base)
-        elif "://" in base and not base.startswith(("file://", "hf://")):
-            raise SpecError(f"{base}: unsupported URI scheme '{base.split('://')[0]}://' "
-                            "(use a Hub id, a path, file://, s3:// or gs://)")
-        elif base.startswith(("file://", "/", ".", "~")) or Path(base).expanduser().exists():
-            path = Path(base.removeprefix("file://")).expanduser()
-            if not path.is_dir():
-                raise SpecError(f"{base}: no such model directory")
-            check_model_dir(path, base)
+        elif src.kind == "local":
+            if not src.path.is_dir():
+                raise SpecError(f"{base}: no such model directory (or .gguf file)")
+            check_model_dir(src.path, base)
         else:  # a Hub id: it exists (the full pass loads its tokenizer)
             from sft_job.models.load import check_hub_model
 
-            check_hub_model(base.removeprefix("hf://"), spec.model.revision)
+            check_hub_model(src.location, spec.model.revision)
     except SftJobError as e:
         rep.error("model.base", e)
+
+
+def _check_gguf(src: Any) -> None:
+    """A GGUF source is a readable file that starts with the GGUF magic (no download for a
+    bucket: the object exists; no Hub call beyond the repo check)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise SpecError("reading a .gguf file needs the gguf package: pip install 'sft-job[gguf]'")
+    if src.kind == "local":
+        if not src.path.is_file():
+            raise SpecError(f"{src.uri}: no such file")
+        with src.path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise SpecError(f"{src.uri}: not a GGUF file (no GGUF header)")
+    elif src.kind == "bucket":
+        if storage.stat(src.uri) is None:
+            raise AccessError(f"{src.uri}: no such object")
+    else:
+        from sft_job.models.load import check_hub_model
+
+        check_hub_model(src.location)
 
 
 def _check_bucket_model(uri: str) -> list[str]:
@@ -299,24 +325,26 @@ def _scan_data(spec: JobSpec, rep: Report, work: Path) -> None:
 
 
 def _tokenizer(spec: JobSpec, rep: Report) -> Any:
-    from sft_job.models.load import check_model_dir, load_tokenizer
+    from sft_job.models import source
+    from sft_job.models.load import check_model_dir, gguf_model_dir, load_tokenizer
 
     base = spec.model.base
     try:
-        if base.startswith("builtin:"):
+        src = source.parse(base)
+        if src.kind == "builtin":
             from sft_job.models.builtin import build_builtin
 
-            src = build_builtin(base)
-        elif base.startswith(("s3://", "gs://")):
-            src = _fetch_tokenizer_files(base)
-        elif "://" in base and not base.startswith(("file://", "hf://")):
-            raise SpecError(f"unsupported model URI {base}")
-        elif Path(base.removeprefix("file://")).expanduser().exists():
-            src = Path(base.removeprefix("file://")).expanduser()
-            check_model_dir(src, base)
+            path = build_builtin(base)
+        elif src.gguf:  # tokenizer and config only: no dequantization in validate
+            path = gguf_model_dir(src, spec.model.revision, "float32", weights=False)
+        elif src.kind == "bucket":
+            path = _fetch_tokenizer_files(base)
+        elif src.kind == "local":
+            path = src.path
+            check_model_dir(path, base)
         else:
-            src = Path(base.removeprefix("hf://"))  # a Hub id: the tokenizer files only
-        return load_tokenizer(spec.model, src, need_chat_template=False)
+            path = Path(src.location)  # a Hub id: the tokenizer files only
+        return load_tokenizer(spec.model, path, need_chat_template=False)
     except SftJobError as e:
         rep.error("model.base", e)
     except OSError as e:

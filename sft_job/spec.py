@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sft_job.errors import SpecError
 
 DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3-offload")
-BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-gpt2")
+BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-gpt2", "builtin:smollm2-135m")
 
 
 class Strict(BaseModel):
@@ -32,7 +32,9 @@ class ModelSpec(Strict):
     base: str = Field(
         min_length=1,
         description="Base model: a Hub id (org/name or hf://org/name), a local directory, an "
-        "s3:// or gs:// prefix holding a saved model, or builtin:tiny-llama / builtin:tiny-gpt2."
+        "s3:// or gs:// prefix holding a saved model, a .gguf file (path, bucket URI or "
+        "hf://org/name/file.gguf; dequantized once), or builtin:smollm2-135m (a real pretrained "
+        "model from a package) / builtin:tiny-llama / builtin:tiny-gpt2 (tiny random models)."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     tokenizer: str | None = Field(None, description="Tokenizer location if not the base's.")

