@@ -115,11 +115,13 @@ def generate(
     prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
     adapter: Annotated[str | None, typer.Option(help="Apply this adapter on top.")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send each prompt as is, unformatted.")] = False,
 ) -> None:
-    """Generate from a model (greedy) to eyeball it."""
+    """Generate from a model (greedy) to eyeball it. Prompts are formatted as the job trained:
+    the run's format (job.yaml beside an sft-job output), else the model's chat template."""
     from sft_job.finish.evaluate import generate_cli
 
-    generate_cli(model, prompt, max_new_tokens=max_new_tokens, adapter=adapter)
+    generate_cli(model, prompt, max_new_tokens=max_new_tokens, adapter=adapter, raw=raw)
 
 
 @app.command()

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -56,7 +57,14 @@ def setup_logging() -> None:
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "urllib3", "botocore",
                  "httpx", "filelock", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # bitsandbytes warns on every import that an optional Hub kernel is absent (never needed)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # progress bars are noise in a log file (set before imports)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers follows it
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if not Path("/dev/nvidiactl").exists():  # DeepSpeed would log its guess on import
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
 
@@ -113,7 +121,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     from sft_job.finish.evaluate import generate, sample_prompts
     from sft_job.models.load import load_model, load_tokenizer, resolve_model_dir
     from sft_job.train.backends import model_attn, resolve
-    from sft_job.train.trainer import build_trainer, metrics_callback
+    from sft_job.train.trainer import build_trainer, evaluation_callback, metrics_callback
 
     timings.mark("startup")
     backend = resolve(spec)
@@ -154,7 +162,10 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
                                work / "ckpt-staging")]
     trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer", callbacks)
     collator_ref.append(trainer.sft_job_collator)
+    trainer.add_callback(evaluation_callback(trainer, bundle.eval, spec.train.eval_steps, stop))
     _log_plan(spec, trainer, bundle)
+    if not resume and bundle.eval:  # the base model's loss, for before -> after
+        _eval_before(trainer, bundle.eval, metrics_path, stop)
     if resume and spec.deepspeed == "none" and ckpt.is_final(resume[0]):
         train_out = ckpt.load_final(trainer, resume[0])  # trained already: only finish is left
     else:
@@ -176,17 +187,20 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
             timings: Timings, generate: Any) -> dict[str, Any]:
     """Evaluate, sample, save/merge, write reports, upload, then _SUCCESS."""
     from sft_job.finish import report
+    from sft_job.finish.evaluate import eval_loss as evaluate_loss
     from sft_job.finish.evaluate import perplexity, samples_markdown
 
     out_uri = spec.output.uri
-    eval_loss = None
+    eval_loss = eval_tokens = None
     if bundle.eval:  # every rank: evaluation and generation are collective under ZeRO-3
-        eval_loss = float(trainer.evaluate()["eval_loss"])
+        eval_loss, eval_tokens = evaluate_loss(trainer, bundle.eval)
+        log.info("eval loss %.4f per trained token (%d tokens)", eval_loss, eval_tokens)
     after = generate(trainer.model, tokenizer, [p for _, p in pairs], spec.eval.max_new_tokens)
     samples_md = samples_markdown(pairs, before, after)
     timings.mark("evaluate")
 
     saved = stage / ("model" if spec.method.kind == "full" else "adapter")
+    trainer.model.config.use_cache = True  # off for training only: the saved model generates
     if trainer.args.device.type == "xla":  # CPU tensors without FSDPv2's `_orig_module.`
         from sft_job.train.xla import save_model
 
@@ -214,7 +228,11 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
         "steps": trainer.state.global_step,
         "train_loss": losses[-1] if losses else None,
         "train_loss_mean": round(float(train_out.training_loss), 6),
+        # per trained token; before = the base model on the same rows, same code
+        "eval_loss_before": next((m["eval_loss_before"] for m in metrics
+                                  if "eval_loss_before" in m), None),
         "eval_loss": eval_loss,
+        "eval_tokens": eval_tokens,
         "eval_perplexity": perplexity(eval_loss),
         "tokens_per_s": round(sum(tps) / len(tps), 1) if tps else None,
         # useful / token slots of the batches the model trained on (flattened rows: no padding)
@@ -244,6 +262,25 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     print(report.end_screen(summary, out_uri), flush=True)
     _end_distributed()
     return summary
+
+
+def _eval_before(trainer: Any, rows: list[dict[str, Any]], metrics_path: Path, stop: Any) -> None:
+    """Evaluate the untrained model (every rank) and record it in metrics.jsonl (rank 0), which
+    checkpoints carry, so a resumed run still reports it."""
+    import json
+
+    from sft_job.finish.evaluate import eval_loss
+
+    loss, tokens = eval_loss(trainer, rows, should_stop=lambda: bool(stop.requested))
+    _check_stop(stop, "the evaluation of the base model")
+    if loss is None:
+        return
+    log.info("eval loss before training %.4f per trained token (%d tokens)", loss, tokens)
+    if _is_main():
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with metrics_path.open("a") as f:
+            f.write(json.dumps({"step": 0, "eval_loss_before": round(loss, 6),
+                                "eval_tokens": tokens}) + "\n")
 
 
 def _stop_after_checkpoint(spec: JobSpec, trainer: Any, uploader: Any, stop: Any) -> None:

@@ -13,6 +13,7 @@ access problem, 75 when the rest are transient storage failures).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import statistics
@@ -94,10 +95,26 @@ def probe_output(uri: str) -> str:
     if scheme == "hf":
         raise SpecError(f"output.uri: {uri}: the Hub is not an output location; use "
                         "output.push_to_hub: org/name and a bucket or path for output.uri")
+    created = _missing_dirs(Path(key)) if scheme == "file" else []
     probe = storage.join(uri, f".sft-job-probe-{uuid.uuid4().hex[:8]}")
-    storage.write_text(probe, "probe")
-    storage.delete_prefix(probe)
+    try:
+        storage.write_text(probe, "probe")
+        storage.delete_prefix(probe)
+    finally:
+        for d in created:  # deepest first: leave no empty folders behind a check
+            with contextlib.suppress(OSError):
+                d.rmdir()
     return credential_source(uri)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The folders of `path` (itself included) that do not exist yet, deepest first."""
+    out = []
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        out.append(p)
+    return out
 
 
 def credential_source(uri: str) -> str:
@@ -371,9 +388,20 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
     from sft_job.data.tokenize import slot_efficiency, tokenize_all
 
     d = rep.facts["data"]
-    template = ("unused" if d["format"] != "chat" else "from the spec" if spec.model.chat_template
-                else "the tokenizer's" if getattr(tok, "chat_template", None)
-                else "ChatML (the tokenizer has none)")
+    from sft_job.data.formats import resolve_template
+
+    own = bool(getattr(tok, "chat_template", None))
+    rendering = resolve_template(spec.data, tok) if d["format"] in ("alpaca", "prompt-response") \
+        else "model" if d["format"] == "chat" else "native"
+    template = ("unused" if rendering == "native" else "from the spec" if spec.model.chat_template
+                else "the tokenizer's" if own else "ChatML (the tokenizer has none)")
+    d["template"] = rendering
+    if rendering == "native" and own and d["format"] != "text":
+        rep.warnings.append(
+            f"data.template: {d['format']} rows are trained in their native format, but the model "
+            "ships with its tokenizer's chat template: a server applying that template would "
+            "prompt it in a format it was not trained on (use data.template: model, or serve "
+            "with the training format: `sft-job generate` does)")
     if template.startswith("ChatML"):
         rep.warnings.append("the tokenizer has no chat template: chat rows are rendered with "
                             "ChatML (set model.chat_template to choose another)")
@@ -408,15 +436,51 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
     bs, ml = spec.train.batch_size, spec.data.max_length
     d["efficiency"] = {m: round(slot_efficiency(st.lengths, bs, ml, m), 4)
                        for m in ("packed", "longest", "max")}
-    d["samples"] = [_render(r, tok) for r in rows[:n_samples]]
-    eos = tok.eos_token_id
-    bad_eos = sum(1 for r in rows if r["labels"][-1] != eos and len(r["input_ids"]) < ml)
-    if bad_eos:
-        rep.problem("data", f"{bad_eos} row(s) do not end with a trained EOS; the model would "
-                    "not learn to stop")
+    stops = _check_stops(rows, tok, ml, rep)
+    d["samples"] = [_render(r, tok, stops) for r in rows[:n_samples]]
 
 
-def _render(row: dict[str, list[int]], tok: Any) -> dict[str, Any]:
+def _check_stops(rows: list[dict[str, list[int]]], tok: Any, max_length: int, rep: Report
+                 ) -> set[int]:
+    """Every trained span ends with exactly one stop token (EOS or the chat template's
+    end-of-turn token) and nothing after it: `...<|im_end|>\\n<|im_end|>` is refused, as is a
+    row whose last reply has no stop (the model would not learn to stop)."""
+    from sft_job.data.formats import special_tokens
+    from sft_job.models.gguf import END_OF_TURN
+
+    specials = set(special_tokens(tok))
+    stops = {tok.eos_token_id} | {tok.convert_tokens_to_ids(t) for t in (*END_OF_TURN, "</s>")
+                                  if t in specials}
+    unstopped = doubled = 0
+    for r in rows:
+        runs = _trained_runs(r["labels"])
+        if any(any(t in stops for t in run[:-1]) for run in runs):
+            doubled += 1
+        elif runs and runs[-1][-1] not in stops and len(r["input_ids"]) < max_length:
+            unstopped += 1
+    if doubled:
+        rep.problem("data", f"{doubled} row(s) train tokens after a stop token (a trained span "
+                    "holds an end-of-turn/EOS token before its end): the model would learn to "
+                    "go on after it should stop; check model.chat_template")
+    if unstopped:
+        rep.problem("data", f"{unstopped} row(s) do not end with a trained stop token (EOS or the "
+                    "chat template's end of turn); the model would not learn to stop")
+    return stops
+
+
+def _trained_runs(labels: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    prev = False
+    for lab in labels:
+        if lab != -100:
+            if not prev:
+                runs.append([])
+            runs[-1].append(lab)
+        prev = lab != -100
+    return runs
+
+
+def _render(row: dict[str, list[int]], tok: Any, stops: set[int]) -> dict[str, Any]:
     """One sample with masked (prompt) text in [[...]] and trained text as is."""
     parts, cur, cur_masked = [], [], None
     for tid, lab in zip(row["input_ids"], row["labels"], strict=True):
@@ -431,7 +495,12 @@ def _render(row: dict[str, list[int]], tok: Any) -> dict[str, Any]:
     text = "".join(f"[[{t}]]" if m else t for m, t in parts)
     return {"text": text, "tokens": len(row["input_ids"]),
             "trained_tokens": sum(1 for x in row["labels"] if x != -100),
-            "ends_with_trained_eos": row["labels"][-1] == tok.eos_token_id}
+            "ends_with_trained_eos": row["labels"][-1] == tok.eos_token_id,
+            "ends_with_trained_stop": row["labels"][-1] != -100 and row["labels"][-1] in stops,
+            "last_trained_token": tok.convert_ids_to_tokens(
+                next((x for x in reversed(row["labels"]) if x != -100), tok.eos_token_id)),
+            "input_ids": list(row["input_ids"]),
+            "trained": [x != -100 for x in row["labels"]]}
 
 
 def _estimate_memory(spec: JobSpec, rep: Report) -> None:

@@ -64,10 +64,18 @@ class DataSpec(Strict):
     format: Literal["auto", "alpaca", "chat", "prompt-response", "text"] = Field(
         "auto", description="Record format; auto detects it from the fields of the first rows."
     )
+    template: Literal["auto", "model", "native"] = Field(
+        "auto",
+        description="How alpaca and prompt-response rows are rendered. model: through the "
+        "tokenizer's chat template, as a user turn and an assistant turn (the format the "
+        "shipped model is served with); native: the format's own template (data.alpaca_template, "
+        "data.user_token/assistant_token); auto: model when the tokenizer has a chat template "
+        "(its own or model.chat_template), else native.",
+    )
     alpaca_template: Literal["seed", "stanford"] = Field(
         "seed",
-        description="seed: 'Instruction: ...\\nInput: ...\\nOutput:'; stanford: the Stanford "
-        "Alpaca '### Instruction:' preamble template.",
+        description="With data.template: native. seed: 'Instruction: ...\\nInput: ...\\nOutput:'; "
+        "stanford: the Stanford Alpaca '### Instruction:' preamble template.",
     )
     prompt_field: str = Field("prompt", description="prompt-response: the prompt field name.")
     response_field: str = Field("response", description="prompt-response: the response field.")

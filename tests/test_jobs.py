@@ -46,4 +46,4 @@ def test_job_validates(path: Path, tmp_path: Path, sft_cache: Path) -> None:
     assert res.exit_code == 0, res.output
     report = yaml.safe_load((tmp_path / "r.json").read_text())
     assert report["ok"] and report["facts"]["data"]["usable"] > 0
-    assert all(s["ends_with_trained_eos"] for s in report["facts"]["data"]["samples"])
+    assert all(s["ends_with_trained_stop"] for s in report["facts"]["data"]["samples"])

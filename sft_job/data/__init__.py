@@ -28,6 +28,7 @@ class Prepared:
     files: list[Path]
     empty_responses: int = 0
     duplicates: int = 0
+    template: str = "native"  # how alpaca/prompt-response rows were rendered (model | native)
 
 
 @dataclass
@@ -81,7 +82,9 @@ def prepare(uri: str, spec: DataSpec, tokenizer: Any | None, workdir: Path,
         key = "".join(t for t, _ in ex.segments)
         dups += key in seen
         seen.add(key)
-    return Prepared(fmt, examples, malformed, result.files, empty, dups)
+    template = formats.resolve_template(spec, tokenizer) if fmt in ("alpaca", "prompt-response") \
+        else "model" if fmt == "chat" else "native"
+    return Prepared(fmt, examples, malformed, result.files, empty, dups, template)
 
 
 def _has_chat_template(tokenizer: Any) -> bool:
@@ -157,6 +160,7 @@ def _stats(train_p: Prepared, eval_p: Prepared | None, t: TokenStats, e: TokenSt
            spec: DataSpec) -> dict[str, Any]:
     return {
         "format": train_p.format,
+        "template": train_p.template,
         "train_examples": t.rows - t.dropped_no_target,
         "eval_examples": e.rows - e.dropped_no_target,
         "malformed": len(train_p.malformed) + (len(eval_p.malformed) if eval_p else 0),

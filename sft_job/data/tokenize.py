@@ -1,7 +1,7 @@
 """Examples -> token ids and labels (prompt masked with -100, EOS trained), packing, collation.
 
 The whole text of an example is tokenized once with character offsets, and a token is trained
-when its characters fall in a trainable segment: no boundary effects from tokenizing the prompt
+when its characters overlap a trainable segment: no boundary effects from tokenizing the prompt
 and the response separately. EOS is appended as a trained token even when pad == EOS, since
 labels are built here from positions, never from token identity.
 """
@@ -36,20 +36,25 @@ def eos_id(tokenizer: Any) -> int:
 
 
 def tokenize_example(ex: Example, tokenizer: Any, max_length: int) -> tuple[list[int], list[int], int]:
-    """(input_ids, labels, untruncated length) of one example."""
+    """(input_ids, labels, untruncated length) of one example. EOS is appended (trained when
+    the text ends with a trained segment) unless the text already ends with its stop token: EOS
+    itself, or the chat template's end-of-turn token (`Example.ends_with_stop`)."""
     text = "".join(t for t, _ in ex.segments)
     spans, pos = [], 0
     for t, trainable in ex.segments:
         if trainable:
             spans.append((pos, pos + len(t)))
         pos += len(t)
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=adds_bos(tokenizer, text),
+                    return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     labels = [tid if _in_spans(start, end, spans) else IGNORE
               for tid, (start, end) in zip(ids, enc["offset_mapping"], strict=True)]
     eos = eos_id(tokenizer)
     trained_tail = bool(spans) and spans[-1][1] == len(text)
-    if not ids or ids[-1] != eos:
+    if ex.ends_with_stop and ids:
+        pass  # the template's own end-of-turn token ends the text (trained by its span)
+    elif not ids or ids[-1] != eos:
         ids.append(eos)
         labels.append(eos if trained_tail else IGNORE)
     elif trained_tail:
@@ -58,10 +63,21 @@ def tokenize_example(ex: Example, tokenizer: Any, max_length: int) -> tuple[list
     return ids[:max_length], labels[:max_length], raw
 
 
+def adds_bos(tokenizer: Any, text: str) -> bool:
+    """Whether to let the tokenizer add its special tokens (BOS): not when the text already
+    starts with BOS, as chat templates that write it themselves do (Llama 3), so it is never
+    doubled. The same rule serves training and generation."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and text.startswith(bos))
+
+
 def _in_spans(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    """A token is trained when any of its characters is: a token that straddles the prompt
+    and the reply (a template ending in a space, merged with the reply's first word) is one
+    the model must produce to write the reply."""
     if end <= start:  # special tokens added by the tokenizer (BOS) have empty offsets
         return False
-    return any(s <= start < e for s, e in spans)
+    return any(start < e and end > s for s, e in spans)
 
 
 def tokenize_all(examples: list[Example], tokenizer: Any, max_length: int

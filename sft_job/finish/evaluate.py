@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,12 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
     device = next(model.parameters()).device
     eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
     outs = []
+    from sft_job.data.tokenize import adds_bos
+
     with torch.no_grad():
         for p in prompts:
-            enc = tokenizer(p, return_tensors="pt").to(device)
+            enc = tokenizer(p, return_tensors="pt", add_special_tokens=adds_bos(tokenizer, p)
+                            ).to(device)
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  use_cache=True, eos_token_id=eos,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -27,6 +32,71 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
     if was_training:
         model.train()
     return outs
+
+
+def eval_loss(trainer: Any, rows: list[dict[str, Any]],
+              should_stop: Callable[[], bool] | None = None) -> tuple[float | None, int]:
+    """(loss per trained token, trained tokens) of the model over the eval rows: the sum of
+    every trained token's loss over all batches and ranks, divided by their number. (The
+    Trainer's own evaluate() averages per-batch means, which weighs a short batch's tokens more
+    than a long one's.) Each rank takes rows rank::world, and every rank runs the same number
+    of forward passes (ZeRO-3 gathers weights collectively), repeating its last batch with no
+    weight when it runs out. `should_stop` is asked between batches, collectively: the
+    evaluation is abandoned (None) when any rank says stop. On XLA (one process drives every
+    device) the process evaluates every row."""
+    import torch
+
+    from sft_job.checkpoint.preempt import agree
+
+    model = trainer.model
+    device = trainer.args.device
+    collate = getattr(trainer.data_collator, "inner", trainer.data_collator)  # not counted
+    dist = _dist()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist else (1, 0)
+    mine = rows[rank::world]
+    bs = trainer.args.per_device_eval_batch_size
+    n_batches = -(-max(len(rows[r::world]) for r in range(world)) // bs)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)  # loss sum, tokens
+    batch = None
+    stopped = False
+    with torch.no_grad():
+        for i in range(n_batches):
+            if should_stop is not None and agree(should_stop()):
+                stopped = True
+                break
+            chunk = mine[i * bs:(i + 1) * bs]
+            if chunk:
+                batch = collate(chunk)
+            if batch is None:  # this rank has no rows at all: it still joins every pass
+                batch = collate(rows[:1])
+            inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+            loss = model(**inputs).loss
+            if chunk:
+                n = int((batch["labels"][..., 1:] != -100).sum())
+                total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+    if was_training:
+        model.train()
+    if stopped:
+        return None, 0
+    if dist:
+        t = total.to(device) if dist.get_backend() == "nccl" else total
+        dist.all_reduce(t)
+        total = t.cpu()
+    tokens = int(total[1])
+    if not tokens:
+        return None, 0
+    return float(total[0] / total[1]), tokens
+
+
+def _dist() -> Any:
+    """torch.distributed when it runs several ranks, else None."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -65,24 +135,62 @@ def samples_markdown(pairs: list[tuple[str, str]], before: list[str], after: lis
 
 
 def generate_cli(model_uri: str, prompts: list[str], max_new_tokens: int,
-                 adapter: str | None) -> None:
-    """`sft-job generate`: load a model (and adapter) from a folder or URI and print completions."""
+                 adapter: str | None, raw: bool = False) -> None:
+    """`sft-job generate`: load a model (and adapter) from a folder or URI and print greedy
+    completions, each prompt formatted the way the job trained (see `training_format`)."""
+    import sys
     import tempfile
 
     import typer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sft_job.data.formats import prompt_for
     from sft_job.models.load import resolve_model_dir
+    from sft_job.pipeline import setup_logging
 
+    setup_logging()
     model_dir = resolve_model_dir(model_uri)
     tok = AutoTokenizer.from_pretrained(model_dir)
+    if adapter:
+        from sft_job.data.load import fetch
+
+        adapter_dir = fetch(adapter, Path(tempfile.mkdtemp(prefix="sft-job-")))
+        if (adapter_dir / "tokenizer_config.json").is_file():  # the run's tokenizer
+            tok = AutoTokenizer.from_pretrained(adapter_dir)
+    fmt, data_spec, how = ("text", None, "as given (--raw)") if raw else \
+        training_format(adapter or model_uri, tok)
+    typer.echo(f"prompts formatted {how}", err=True)
+    texts = [p if data_spec is None else prompt_for(p, fmt, data_spec, tok) for p in prompts]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if adapter:
         from peft import PeftModel
 
-        from sft_job.data.load import fetch
-
-        adapter_dir = fetch(adapter, Path(tempfile.mkdtemp(prefix="sft-job-")))
         model = PeftModel.from_pretrained(model, str(adapter_dir))
-    for p, out in zip(prompts, generate(model, tok, prompts, max_new_tokens), strict=True):
+    for p, out in zip(prompts, generate(model, tok, texts, max_new_tokens), strict=True):
         typer.echo(f"### {p}\n{out}\n")
+    sys.stdout.flush()
+
+
+def training_format(uri: str, tokenizer: Any) -> tuple[str, Any, str]:
+    """(format, DataSpec, description) to render a prompt as training did: the run's format
+    from job.yaml and metrics/summary.json beside the model folder (an sft-job output), else
+    the model's chat template, else the text as given."""
+    import yaml
+
+    from sft_job import storage
+    from sft_job.errors import SftJobError
+    from sft_job.spec import DataSpec
+
+    root = uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
+    try:
+        job = yaml.safe_load(storage.read_text(storage.join(root, "job.yaml")))
+        summary = json.loads(storage.read_text(storage.join(root, "metrics/summary.json")))
+        data = summary.get("data", {})
+        spec = DataSpec(**{**job["data"], "template": data.get("template") or "auto"})
+        fmt = data.get("format") or spec.format
+        return fmt, spec, f"as the run in {root} trained ({fmt} format, job.yaml)"
+    except (SftJobError, OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        pass
+    if getattr(tokenizer, "chat_template", None):
+        return "chat", DataSpec(train="-"), "with the model's chat template (--raw: as given)"
+    return "text", None, "as given (the model has no chat template and no job.yaml beside it)"

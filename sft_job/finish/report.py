@@ -71,8 +71,10 @@ def model_card(spec: JobSpec, summary: dict[str, Any], samples_md: str) -> str:
         "",
         "## Results",
         "",
-        f"- final train loss: {summary.get('train_loss')}",
-        f"- eval loss: {summary.get('eval_loss')} (perplexity {summary.get('eval_perplexity')})",
+        f"- train loss: {_f(summary.get('train_loss'))} (last logged steps), "
+        f"{_f(summary.get('train_loss_mean'))} (mean over the run)",
+        f"- eval loss per trained token: {_before_after(summary)} (base model -> fine-tuned), "
+        f"perplexity {_f(summary.get('eval_perplexity'), 2)}",
         f"- steps: {summary.get('steps')}, tokens/s: {summary.get('tokens_per_s')}",
         "",
         samples_md.replace("# Samples", "## Samples", 1),
@@ -87,9 +89,10 @@ def end_screen(summary: dict[str, Any], output_uri: str) -> str:
         ("model", summary.get("model_uri") or "-"),
         ("adapter", summary.get("adapter_uri") or "-"),
         ("steps", summary.get("steps")),
-        ("train loss", summary.get("train_loss")),
-        ("eval loss", summary.get("eval_loss")),
-        ("eval perplexity", summary.get("eval_perplexity")),
+        ("train loss", f"{_f(summary.get('train_loss'))} last logged steps, "
+                       f"{_f(summary.get('train_loss_mean'))} mean"),
+        ("eval loss", f"{_before_after(summary)} (base -> fine-tuned, per trained token)"),
+        ("eval perplexity", _f(summary.get("eval_perplexity"), 2)),
         ("tokens/s", summary.get("tokens_per_s")),
         ("packing efficiency", summary.get("packing_efficiency")),
         ("wall time (s)", summary.get("wall_s")),
@@ -99,6 +102,16 @@ def end_screen(summary: dict[str, Any], output_uri: str) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "=" * 60, " sft-job: done", "=" * 60]
                      + [f" {k:<{width}}  {v}" for k, v in rows] + ["=" * 60])
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    """A number for people: fixed digits, '-' when absent."""
+    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, (int, float)) else str(v)
+
+
+def _before_after(summary: dict[str, Any]) -> str:
+    before, after = summary.get("eval_loss_before"), summary.get("eval_loss")
+    return f"{_f(before)} -> {_f(after)}" if before is not None else _f(after)
 
 
 def write_json(path: Path, obj: Any) -> None:

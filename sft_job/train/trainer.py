@@ -44,7 +44,7 @@ class CountingCollator:
         return batch
 
 
-def sft_config(spec: JobSpec, backend: Backend, output_dir: Path, has_eval: bool) -> Any:
+def sft_config(spec: JobSpec, backend: Backend, output_dir: Path) -> Any:
     """SFTConfig built from the spec, the backend's settings, then `trainer:` passthrough."""
     from trl import SFTConfig
 
@@ -63,8 +63,9 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path, has_eval: bool
         "max_grad_norm": t.max_grad_norm,
         "logging_steps": t.logging_steps,
         "logging_first_step": True,
-        "eval_strategy": "steps" if (has_eval and t.eval_steps) else "no",
-        "eval_steps": t.eval_steps,
+        # evaluation is the job's own token-weighted loop (finish/evaluate.py), run by
+        # evaluation_callback every train.eval_steps and once at the end
+        "eval_strategy": "no",
         "save_strategy": "steps" if spec.output.save_every_steps else "no",
         "save_steps": spec.output.save_every_steps or 500,
         "save_total_limit": 2,  # local copies only; the bucket keeps output.keep_checkpoints
@@ -109,7 +110,7 @@ def build_trainer(spec: JobSpec, backend: Backend, model: Any, tokenizer: Any,
 
     from sft_job.models.load import lora_config
 
-    config = sft_config(spec, backend, output_dir, bool(bundle.eval))
+    config = sft_config(spec, backend, output_dir)
     collator = CountingCollator(make_collator(
         tokenizer.pad_token_id, packing=spec.data.packing, flatten=flattens(model),
         pad_to_multiple_of=None if backend.name != "tpu" else spec.data.max_length))
@@ -170,6 +171,29 @@ def metrics_callback(path: Path, collator_ref: list[Any]) -> Any:
                 log.info("step %d  eval_loss %.4f", state.global_step, logs["eval_loss"])
 
     return MetricsLogger()
+
+
+def evaluation_callback(trainer: Any, rows: list[dict[str, Any]], every: int | None,
+                        stop: Any) -> Any:
+    """A TrainerCallback evaluating (token-weighted, finish/evaluate.py) every `every` steps
+    but the last (the finish evaluates that one) and logging `eval_loss` through the trainer,
+    so metrics.jsonl and trackers get it. An evaluation is skipped or abandoned when a stop is
+    requested: the checkpoint comes first."""
+    from transformers import TrainerCallback
+
+    from sft_job.finish.evaluate import eval_loss
+
+    class Evaluation(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            step = state.global_step
+            if not (every and rows) or step % every or step >= state.max_steps:
+                return control
+            loss, tokens = eval_loss(trainer, rows, should_stop=lambda: bool(stop.requested))
+            if loss is not None:
+                trainer.log({"eval_loss": loss, "eval_tokens": tokens})
+            return control
+
+    return Evaluation()
 
 
 def peak_memory() -> dict[str, float]:

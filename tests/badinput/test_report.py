@@ -72,8 +72,12 @@ def test_json_report_has_every_fact_of_the_text_report(tmp_path: Path, sft_cache
             f"pad-to-max {e['max']:.1%}") in out
     assert len(d["samples"]) == 2
     for s in d["samples"]:
-        assert s["ends_with_trained_eos"] and s["text"].endswith("<|endoftext|>")
-        assert s["text"].startswith("[[<|user|>")  # the prompt is shown masked
+        # prompt-response rows go through the model's ChatML template (data.template: auto)
+        assert s["ends_with_trained_stop"] and s["text"].endswith("<|im_end|>")
+        assert s["last_trained_token"] == "<|im_end|>"
+        assert s["text"].startswith("[[<|im_start|>user")  # the prompt is shown masked
+        assert len(s["input_ids"]) == len(s["trained"]) == s["tokens"]
+        assert sum(s["trained"]) == s["trained_tokens"] and s["trained"][-1]
         assert f"({s['tokens']} tokens, {s['trained_tokens']} trained;" in out
         assert s["text"].replace("\n", "\n    ") in out
     tok = facts["tokenizer"]

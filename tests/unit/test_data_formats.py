@@ -92,7 +92,7 @@ def test_named_format_that_does_not_match_the_data(write_jsonl: Callable, spec_o
 
 
 def test_alpaca_seed_template_exact(spec_of: Callable, tok: Any) -> None:
-    ex = example(ALPACA[0], "alpaca", spec_of(), tok)
+    ex = example(ALPACA[0], "alpaca", spec_of(template="native"), tok)
     assert ex.segments == [("Instruction: Add the numbers.\nInput: 2 and 3\nOutput:", False),
                            (" 5", True)]
     assert text_of(ex) == "Instruction: Add the numbers.\nInput: 2 and 3\nOutput: 5"
@@ -102,13 +102,13 @@ def test_alpaca_seed_template_exact(spec_of: Callable, tok: Any) -> None:
 @pytest.mark.parametrize("row", [ALPACA[1], {"instruction": "Name a color.", "output": "Blue."},
                                  {"instruction": "Name a color.", "input": "  ", "output": "Blue."}])
 def test_alpaca_seed_template_without_input(row: dict, spec_of: Callable, tok: Any) -> None:
-    ex = example(row, "alpaca", spec_of(), tok)
+    ex = example(row, "alpaca", spec_of(template="native"), tok)
     assert text_of(ex) == "Instruction: Name a color.\nOutput: Blue."
     assert ex.prompt == "Instruction: Name a color.\nOutput:"
 
 
 def test_alpaca_stanford_template_exact(spec_of: Callable, tok: Any) -> None:
-    spec = spec_of(alpaca_template="stanford")
+    spec = spec_of(alpaca_template="stanford", template="native")
     ex = example(ALPACA[0], "alpaca", spec, tok)
     assert ex.prompt == (
         "Below is an instruction that describes a task, paired with an input that provides "
@@ -125,7 +125,7 @@ def test_alpaca_stanford_template_exact(spec_of: Callable, tok: Any) -> None:
 
 
 def test_prompt_response_role_tokens(spec_of: Callable, tok: Any) -> None:
-    ex = example(PR[0], "prompt-response", spec_of(), tok)
+    ex = example(PR[0], "prompt-response", spec_of(template="native"), tok)
     assert ex.segments == [("<|user|>\nWhat is the capital of France?\n<|assistant|>\n", False),
                            ("Paris. I hope that helps!", True)]
     assert ex.prompt == "<|user|>\nWhat is the capital of France?\n<|assistant|>\n"
@@ -133,7 +133,7 @@ def test_prompt_response_role_tokens(spec_of: Callable, tok: Any) -> None:
 
 def test_prompt_response_custom_fields_and_tokens(spec_of: Callable, tok: Any) -> None:
     spec = spec_of(prompt_field="question", response_field="answer",
-                   user_token="### Human:", assistant_token="### Assistant:")
+                   user_token="### Human:", assistant_token="### Assistant:", template="native")
     ex = example({"question": " Why? ", "answer": " Because. \n"}, "prompt-response", spec, tok)
     assert text_of(ex) == "### Human:\nWhy?\n### Assistant:\nBecause."
     assert ex.segments[-1] == ("Because.", True)
@@ -149,7 +149,10 @@ def test_text_format_trains_everything(spec_of: Callable, tok: Any) -> None:
 
 def test_chat_rendered_with_the_tokenizers_template(spec_of: Callable, tok: Any) -> None:
     ex = example({"messages": MULTI}, "chat", spec_of(), tok)
-    assert text_of(ex) == tok.apply_chat_template(MULTI, tokenize=False)
+    # the template's rendering up to the last reply's end-of-turn token (its newline after
+    # that token is never generated, so it is not part of the sample)
+    assert text_of(ex) + "\n" == tok.apply_chat_template(MULTI, tokenize=False)
+    assert text_of(ex).endswith("It is four.<|im_end|>") and ex.ends_with_stop
     assert ex.prompt == tok.apply_chat_template(MULTI[:-1], tokenize=False, add_generation_prompt=True)
 
 
@@ -170,12 +173,15 @@ def test_multi_turn_chat_trains_every_assistant_turn_only(spec_of: Callable, tok
     ex = example({"messages": MULTI}, "chat", spec_of(), tok)
     ids, labels, _ = tokenize_example(ex, tok, 512)
     assert all(lab in (IGNORE, i) for i, lab in zip(ids, labels, strict=True))
-    trained = [tok.decode(r, skip_special_tokens=True).strip() for r in _runs(ids, labels, True)]
-    assert trained == ["Hello! How can I help?", "It is four."]
+    trained = [tok.decode(r) for r in _runs(ids, labels, True)]
+    # exactly each reply and the end-of-turn token that ends it: nothing after it, no extra EOS
+    assert trained == ["Hello! How can I help?<|im_end|>", "It is four.<|im_end|>"]
     masked = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab == IGNORE])
     for m in MULTI:
         assert (m["content"] in masked) == (m["role"] != "assistant"), m
-    assert ids[-1] == labels[-1] == tok.eos_token_id  # the model learns to stop
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert ids[-1] == labels[-1] == im_end  # the model learns to stop where the template does
+    assert tok.eos_token_id not in ids
 
 
 def test_chat_train_on_prompt(spec_of: Callable, tok: Any) -> None:
@@ -187,7 +193,7 @@ def test_chat_train_on_prompt(spec_of: Callable, tok: Any) -> None:
 def test_sharegpt_conversations(spec_of: Callable, tok: Any) -> None:
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
     ex = example(row, "chat", spec_of(), tok)
-    assert text_of(ex) == tok.apply_chat_template(
+    assert text_of(ex) + "\n" == tok.apply_chat_template(
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], tokenize=False)
 
 
@@ -222,8 +228,8 @@ def test_chatml_when_the_tokenizer_has_none(tiny_llama_dir: Path, tmp_path: Path
     assert loaded.chat_template == CHATML_TEMPLATE
     ex = example(CHAT[0], "chat", spec_of(), loaded)
     assert text_of(ex) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-                           "Hello! How can I help?<|im_end|>\n")
-    assert [s for s, trained in ex.segments if trained] == ["Hello! How can I help?<|im_end|>\n"]
+                           "Hello! How can I help?<|im_end|>")
+    assert [s for s, trained in ex.segments if trained] == ["Hello! How can I help?<|im_end|>"]
 
 
 @pytest.mark.parametrize("gen", [False, True])
@@ -237,15 +243,15 @@ def test_plain_chatml_renders_exactly_like_the_jinja_template(gen: bool, spec_of
         messages=MULTI, add_generation_prompt=gen)
     # to_example passes chat_template= to every tokenizer, the stand-in included
     ex = example({"messages": MULTI}, "chat", spec_of(), PlainChatML())
-    assert [s for s, trained in ex.segments if trained] == ["Hello! How can I help?<|im_end|>\n",
-                                                           "It is four.<|im_end|>\n"]
+    assert [s for s, trained in ex.segments if trained] == ["Hello! How can I help?<|im_end|>",
+                                                           "It is four.<|im_end|>"]
 
 
 def test_prepare_chat_with_tokenizer_without_template_uses_chatml(
         write_jsonl: Callable, spec_of: Callable, tok_no_template: Any, tmp_path: Path) -> None:
     p = prepare(str(write_jsonl(CHAT)), spec_of(format="chat"), tok_no_template, tmp_path)
     assert text_of(p.examples[0]) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-                                      "Hello! How can I help?<|im_end|>\n")
+                                      "Hello! How can I help?<|im_end|>")
 
 
 @pytest.mark.parametrize(("messages", "needle"), [
@@ -370,7 +376,8 @@ def test_build_with_separate_eval_file(write_jsonl: Callable, spec_of: Callable,
                                        tmp_path: Path) -> None:
     train = write_jsonl(ALPACA * 3, "train.jsonl")
     ev = write_jsonl([{"instruction": "Say yes.", "output": "Yes."}], "eval.jsonl")
-    b = build(spec_of(train=str(train), eval=str(ev), packing=False), tok, tmp_path)
+    b = build(spec_of(train=str(train), eval=str(ev), packing=False, template="native"), tok,
+              tmp_path)
     assert len(b.train_examples) == 6
     assert [e.source for e in b.eval_examples] == [f"{ev}:1"]
     assert b.eval_examples[0].prompt == "Instruction: Say yes.\nOutput:"

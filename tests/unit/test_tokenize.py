@@ -80,10 +80,11 @@ def test_train_on_prompt_trains_everything(spec_of: Callable, tok: Any) -> None:
     from sft_job.data.load import Record
 
     row = {"instruction": "Say hello.", "output": "Hello!"}
-    e = to_example(Record(row, "f:1"), "alpaca", spec_of(train_on_prompt=True), tok)
+    e = to_example(Record(row, "f:1"), "alpaca", spec_of(train_on_prompt=True, template="native"),
+                   tok)
     ids, labels, _ = tokenize_example(e, tok, 512)
     assert labels == ids and ids[-1] == tok.eos_token_id
-    e = to_example(Record(row, "f:1"), "alpaca", spec_of(), tok)
+    e = to_example(Record(row, "f:1"), "alpaca", spec_of(template="native"), tok)
     ids, labels, _ = tokenize_example(e, tok, 512)
     assert labels != ids and labels[0] == IGNORE
 
