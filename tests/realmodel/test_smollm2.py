@@ -123,7 +123,7 @@ def test_validate_json_reports_the_same_masks(smol_dir: Path, smol_tok: Any, sft
 def _run(name: str, tmp: Path, cache: Path, *sets: str) -> tuple[Path, dict[str, Any]]:
     out = tmp / name
     args = ["run", "jobs/demo-smollm2.yaml", "--set", f"output.uri={out}", "--set", f"name={name}",
-            "--set", "eval.prompts=[" + HELD_OUT + "]", "--set", "eval.max_new_tokens=24"]
+            "--set", f"eval.prompts=[\"{HELD_OUT}\"]", "--set", "eval.max_new_tokens=24"]
     for s in sets:
         args += ["--set", s]
     res = run_cli(args, cache, timeout=1200)
