@@ -294,7 +294,8 @@ def _stop_after_checkpoint(spec: JobSpec, trainer: Any, sync: Any, uploader: Any
     (node 0: the commit) within the stop budget, then exit 75."""
     step = trainer.state.global_step
     name = ckpt.step_name(step)
-    head = f"preempted by {stop.signame or 'another rank'} at step {step}"
+    head = (f"preempted by {stop.signame} at step {step}" if stop.signame else
+            f"preempted at step {step} (a stop requested on another rank)")
     if not ckpt.save_unsaved(trainer, sync):
         raise Preempted(f"{head}: no step trained yet, nothing to checkpoint; rerun to start again")
     if step == sync.resumed_step:

@@ -1,9 +1,10 @@
 """Checkpoint uploads in a separate process, one per node, fed by a queue.
 
 The training loop only saves locally; the callback hard-links the files into a staging
-folder and puts it on the queue. This process uploads, verifies and commits them
-(commit.py), so the work never holds the training process's GIL; it runs at a lower CPU
-priority, so under contention the training process gets the cores first. Checkpoints are
+folder and puts it on the queue (a pipe: no locks, nothing left behind by a hard exit). This
+process uploads, verifies and commits them (commit.py), so the work never holds the training
+process's GIL; it runs at a lower CPU priority, so under contention the training process gets
+the cores first. Checkpoints are
 uploaded in order, except that the stop checkpoint goes before older ones still waiting.
 
 A checkpoint whose upload fails is logged and left uncommitted (rotation deletes it once a
@@ -22,7 +23,6 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
-import queue
 import shutil
 import signal
 import time
@@ -103,11 +103,13 @@ class Uploader:
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")  # no fork of a process holding torch threads and sockets
-        self._jobs: Any = ctx.Queue()
-        self._results: Any = ctx.Queue()
-        self._proc = ctx.Process(target=serve, args=(self.config, self._jobs, self._results),
+        jobs_r, self._jobs = ctx.Pipe(duplex=False)
+        self._results, results_w = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=serve, args=(self.config, jobs_r, results_w),
                                  name=f"ckpt-upload-node{self.config.node}")
         self._proc.start()
+        jobs_r.close()  # the child's ends: closed here, so a dead child reads as end-of-file
+        results_w.close()
 
     def submit(self, step: int, folder: Path, token: str = "",
                extras: dict[str, Path] | None = None, urgent: bool = False) -> None:
@@ -128,7 +130,7 @@ class Uploader:
                 shutil.copy2(src, dest)
             staged.append((uri, str(dest)))
         self._pending.add(step)
-        self._jobs.put(Job(step, str(folder), token, tuple(staged), urgent))
+        self._jobs.send(Job(step, str(folder), token, tuple(staged), urgent))
 
     def poll(self) -> None:
         """Take in the results that arrived; notice a dead uploader process."""
@@ -140,16 +142,14 @@ class Uploader:
             log.error("the checkpoint uploader (pid %d) died (%s); %s not committed",
                       self._proc.pid, f"signal {-code}" if code < 0 else f"exit {code}",
                       ", ".join(commit.step_name(s) for s in lost) or "nothing in flight")
-            self._proc = None
+            self.kill()
             for step in lost:
                 self._record(Result(step, "failed", EXIT_RETRY, "the uploader process died"))
 
     def _drain(self) -> None:
-        while True:
-            try:
-                self._record(self._results.get_nowait())
-            except queue.Empty:
-                return
+        with contextlib.suppress(EOFError, OSError):
+            while self._results.poll():
+                self._record(self._results.recv())
 
     def _record(self, r: Result) -> None:
         self.status[r.step] = r.status
@@ -182,15 +182,18 @@ class Uploader:
                 return True
             if deadline is not None and time.monotonic() > deadline:
                 return False
-            with contextlib.suppress(queue.Empty):
-                self._record(self._results.get(timeout=0.1))
+            with contextlib.suppress(EOFError, OSError):
+                if self._results.poll(0.1):
+                    self._record(self._results.recv())
+                    continue
+            time.sleep(0.05)  # a dead child's pipe polls ready at once
 
     def close(self) -> None:
         """Let the process finish what it has and exit (killed if it takes over 60 s)."""
         if self._proc is None:
             return
         with contextlib.suppress(ValueError, OSError):
-            self._jobs.put(None)
+            self._jobs.send(None)
         self._proc.join(60)
         self.kill()
 
@@ -201,8 +204,8 @@ class Uploader:
         if self._proc.exitcode is None:
             self._proc.kill()
             self._proc.join(10)
-        for q in (self._jobs, self._results):
-            q.cancel_join_thread()
+        for conn in (self._jobs, self._results):
+            conn.close()
         self._proc = None
 
 
@@ -244,15 +247,16 @@ def serve(config: Config, jobs: Any, results: Any) -> None:
 
 
 def _take(jobs: Any, block: bool) -> list[Job | None]:
-    try:
-        items = [jobs.get(timeout=None if block else POLL_S)]
-    except queue.Empty:
+    if not jobs.poll(None if block else POLL_S):
         return []
-    while True:
+    items = []
+    while jobs.poll():
         try:
-            items.append(jobs.get_nowait())
-        except queue.Empty:
-            return items
+            items.append(jobs.recv())
+        except EOFError:  # the training process is gone
+            items.append(None)
+            break
+    return items
 
 
 @dataclass
@@ -277,7 +281,7 @@ class _Worker:
         self.pending.pop(job.step, None)
         shutil.rmtree(job.folder, ignore_errors=True)
         shutil.rmtree(f"{job.folder}.extras", ignore_errors=True)
-        self.results.put(result)
+        self.results.send(result)
 
     def fail(self, job: Job, err: BaseException) -> None:
         if isinstance(err, PermissionError):
