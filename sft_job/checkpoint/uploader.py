@@ -228,6 +228,10 @@ def serve(config: Config, jobs: Any, results: Any) -> None:
     _setup_logging(config)
     storage.configure(config.s3_endpoint_url)
     log.info("checkpoint uploader started (pid %d)", os.getpid())
+    try:  # imports, client, credentials and a connection now, not at the first checkpoint
+        storage.list_keys(config.checkpoints_uri)
+    except SftJobError as err:
+        log.warning("%s", err)
     worker = _Worker(config, results)
     while True:
         batch = _take(jobs, block=not worker.pending)

@@ -211,3 +211,28 @@ def test_zero3_uploader_killed_mid_upload_resumes_from_the_previous_checkpoint(
     assert committed == [4] and partial and min(partial) > 4, (committed, partial)
     _resume(s3, sft_cache, prefix, "zero3", tmp_path / "w", 4)
     _check_final(s3, prefix, reference["zero3"], tmp_path, tol=1e-3)
+
+
+def test_the_launcher_gives_its_ranks_the_whole_stop_budget(
+        s3: S3Server, sft_cache: Path, tmp_path: Path) -> None:
+    """Two ranks on one node (DDP): on SIGTERM torch's launcher kills its ranks 30 s after
+    passing the signal on, unless told otherwise; with output.stop_budget_seconds=60 a stop
+    checkpoint whose upload takes over 30 s (every checkpoint request held 12 s) still commits."""
+    prefix = "budget"
+    args = ["run", "jobs/smoke-cpu.yaml", "--set", f"output.uri=s3://{BUCKET}/{prefix}"]
+    for s in ("train.logging_steps=1", "train.max_steps=400", "output.stop_budget_seconds=60",
+              "eval.num_samples=0"):
+        args += ["--set", s]
+    with recording_proxy(s3.url) as (proxy, rec):
+        rec.delay_s, rec.delay_match = 12.0, rf"^PUT /{BUCKET}/{prefix}/checkpoints/"
+        env = {**proxy.env_for(s3), **env_threads(), "NPROC_PER_NODE": "2",
+               "MASTER_PORT": str(free_port()), "SFT_JOB_WORKDIR": str(tmp_path)}
+        with job(args, sft_cache, env) as j:
+            j.wait_step(3)
+            t0 = time.monotonic()
+            j.send(signal.SIGTERM)
+            assert j.wait(120) == 75, j.tail()
+    m = re.search(r"checkpoint (step-\d+) committed to \S+ in ([\d.]+)s", j.stderr)
+    assert m, j.tail()
+    assert j.line_time(m.group(0)) - t0 > 30  # past torch's default, within the budget
+    assert f"{m.group(1)}/COMMITTED" in list_objects(s3.client(), BUCKET, f"{prefix}/checkpoints")
