@@ -162,17 +162,19 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
         if topo.local_rank == 0 else None
     collator_ref: list[Any] = []
     sync = ckpt.callback(spec, uploader, stop, run_state, metrics_path, work / "ckpt-staging",
-                         topo, resume.step if resume else None)
+                         topo, resume.step if resume else None,
+                         spec.train.eval_steps if bundle.eval else None)
     trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer",
                             [metrics_callback(metrics_path, collator_ref)])
     collator_ref.append(trainer.sft_job_collator)
-    trainer.add_callback(evaluation_callback(trainer, bundle.eval, spec.train.eval_steps, stop))
+    trainer.add_callback(evaluation_callback(trainer, bundle.eval, spec.train.eval_steps, stop,
+                                             resume.step if resume and resume.eval_pending else None))
     # after the evaluation: a stop requested while it ran is honoured at the same step's end
     trainer.add_callback(sync)
     _log_plan(spec, trainer, bundle)
     if not resume and bundle.eval:  # the base model's loss, for before -> after
         _eval_before(trainer, bundle.eval, metrics_path, stop)
-    train_out = ckpt.train(trainer, sync, resume, can_skip_final=spec.deepspeed == "none")
+    train_out = ckpt.train(trainer, resume, can_skip_final=spec.deepspeed == "none")
     if preempt.agree(bool(stop.requested)):  # every rank: a signal may have reached only some
         _stop_after_checkpoint(spec, trainer, sync, uploader, stop)
     if uploader is not None:

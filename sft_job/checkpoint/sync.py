@@ -11,10 +11,10 @@ checkpoint once every node's part is in the bucket (commit.py). The training loo
 waits for the local save.
 
 A stop request (SIGTERM) is honoured in every phase of training: at the next step boundary
-(finish the step, save, upload, exit 75); during an evaluation, which is aborted at the next
-eval batch so the step it follows is checkpointed at once (a resumed run runs that evaluation
-first, so the metrics match an uninterrupted run); during a periodic save, which then becomes
-the stop checkpoint, with no further step.
+(finish the step, save, upload, exit 75); during an evaluation, which the evaluation loop
+abandons at its next batch, so the step it follows is checkpointed at once (the checkpoint
+records it, and a resumed run runs that evaluation first: the metrics match an uninterrupted
+run's); during a periodic save, which then becomes the stop checkpoint, with no further step.
 """
 
 from __future__ import annotations
@@ -42,10 +42,6 @@ STATE_FILE = "sft_job_state.json"
 METRICS_FILE = "sft_job_metrics.jsonl"
 
 
-class EvalAborted(Exception):
-    """A stop request cut an evaluation short (raised on every rank at the same eval batch)."""
-
-
 @dataclass(frozen=True)
 class Topology:
     """Where this process sits: global rank and world size, node and node count, local rank."""
@@ -71,7 +67,7 @@ class Topology:
 class Resume:
     dir: Path
     step: int
-    eval_pending: bool = False  # the stop aborted the evaluation at this step: run it first
+    eval_pending: bool = False  # the stop abandoned the evaluation at this step: run it first
 
 
 def data_hash(files: list[Path]) -> str:
@@ -105,10 +101,12 @@ def link_copy(src: Path, dest: Path, files: list[str] | None = None) -> Path:
 
 def callback(spec: JobSpec, uploader: Any, stop: Any, state: dict[str, Any], metrics_path: Path,
              staging: Path, topo: Topology | None = None, resumed_step: int | None = None,
-             extras: Any = None) -> Any:
-    """TrainerCallback: time-based saves, stop requests (step boundary, eval, save), and
-    on_save -> stage this node's part and queue it. `uploader`: this node's (local rank 0),
-    else None. `extras(step) -> {uri: path}`: more to upload with a checkpoint (node 0)."""
+             eval_every: int | None = None, extras: Any = None) -> Any:
+    """TrainerCallback: time-based saves, stop requests (step boundary, save; after the
+    evaluation callback, so after an evaluation a stop abandoned), and on_save -> stage this
+    node's part and queue it. `uploader`: this node's (local rank 0), else None. `eval_every`:
+    train.eval_steps when there is eval data. `extras(step) -> {uri: path}`: more to upload
+    with a checkpoint (node 0)."""
     from transformers import TrainerCallback
     from transformers.trainer_utils import rotate_checkpoints
 
@@ -123,17 +121,14 @@ def callback(spec: JobSpec, uploader: Any, stop: Any, state: dict[str, Any], met
             self.stopped_at: int | None = None
             self.last_saved: int | None = None
             self.resumed_step = resumed_step
-            self.eval_aborted_at: int | None = None
-            self.training = False
-            self._evaluating = False
+            self.evaluated_at: int | None = None
+            self.eval_pending_at: int | None = None
             self._token: str | None = None
             self._ranks = {topo.rank}
 
-        def on_train_begin(self, args, state_, control, **kw):
-            self.training = True
-
-        def on_train_end(self, args, state_, control, **kw):
-            self.training = False
+        def on_log(self, args, state_, control, logs=None, **kw):
+            if logs and "eval_loss" in logs:
+                self.evaluated_at = state_.global_step
 
         def on_step_end(self, args, state_, control, **kw):
             if agree(bool(stop.requested)):
@@ -143,24 +138,6 @@ def callback(spec: JobSpec, uploader: Any, stop: Any, state: dict[str, Any], met
             elif every_s and agree(time.monotonic() - self.last_save >= every_s):
                 control.should_save = True
             return control
-
-        def on_prediction_step(self, args, state_, control, **kw):
-            if not self.training:  # the final evaluation belongs to the finish phase
-                return control
-            if not self._evaluating:
-                self._evaluating = True
-                batches = kw.get("eval_dataloader")
-                log.info("step %d: evaluating (%s batches)", state_.global_step,
-                         len(batches) if batches is not None else "?")
-            if agree(bool(stop.requested)):
-                self.eval_aborted_at = self.stopped_at = state_.global_step
-                log.warning("stop requested during the evaluation at step %d: aborting it to "
-                            "checkpoint now (a resumed run evaluates first)", state_.global_step)
-                raise EvalAborted(state_.global_step)
-            return control
-
-        def on_evaluate(self, args, state_, control, **kw):
-            self._evaluating = False
 
         def on_save(self, args, state_, control, **kw):
             self.last_save = time.monotonic()
@@ -172,6 +149,11 @@ def callback(spec: JobSpec, uploader: Any, stop: Any, state: dict[str, Any], met
             if worst:
                 raise _failure(uploader, worst)
             self._meet()
+            if stop_now and self._eval_abandoned(step, state_.max_steps):
+                self.eval_pending_at = step
+                log.warning("stop requested during the evaluation at step %d: abandoned, the "
+                            "checkpoint comes first (a resumed run evaluates step %d first)",
+                            step, step)
             if uploader is not None:
                 self._stage(args, step, urgent=bool(stop_now))
             if not args.should_save and topo.local_rank == 0:  # the Trainer rotates on rank 0 only
@@ -183,6 +165,11 @@ def callback(spec: JobSpec, uploader: Any, stop: Any, state: dict[str, Any], met
                 control.should_training_stop = True
                 self.stopped_at = step
             return control
+
+        def _eval_abandoned(self, step: int, max_steps: int) -> bool:
+            """An evaluation was due at `step` and the stop left it undone."""
+            due = bool(eval_every) and not step % eval_every and step < max_steps
+            return due and self.evaluated_at != step
 
         def _meet(self) -> None:
             """First save: share one attempt token (rank 0's) and learn this node's ranks."""
@@ -206,7 +193,7 @@ def callback(spec: JobSpec, uploader: Any, stop: Any, state: dict[str, Any], met
             more = None
             if topo.node == 0:
                 saved = {**state, "step": step}
-                if self.eval_aborted_at == step:
+                if self.eval_pending_at == step:
                     saved["eval_pending"] = True
                 (dest / STATE_FILE).write_text(json.dumps(saved))
                 if metrics_path.is_file():
@@ -240,17 +227,11 @@ def raise_if_failing(uploader: Any) -> None:
         raise _failure(uploader, worst)
 
 
-def train(trainer: Any, cb: Any, resume: Resume | None, can_skip_final: bool) -> Any:
-    """trainer.train() from `resume`; None when a stop aborted an evaluation (the caller then
-    checkpoints that step). A final checkpoint is only loaded (`can_skip_final`)."""
+def train(trainer: Any, resume: Resume | None, can_skip_final: bool) -> Any:
+    """trainer.train() from `resume`; a final checkpoint is only loaded (`can_skip_final`)."""
     if resume and can_skip_final and is_final(resume.dir):
         return load_final(trainer, resume.dir)  # trained already: only finish is left
-    if resume and resume.eval_pending:
-        trainer.args.eval_on_start = True  # the evaluation the stop cut short, at its step
-    try:
-        return trainer.train(resume_from_checkpoint=str(resume.dir) if resume else None)
-    except EvalAborted:
-        return None
+    return trainer.train(resume_from_checkpoint=str(resume.dir) if resume else None)
 
 
 def save_unsaved(trainer: Any, cb: Any) -> bool:

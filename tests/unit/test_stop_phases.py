@@ -1,6 +1,6 @@
 """checkpoint/sync.py callback: a stop request during a periodic save makes that save the stop
-checkpoint (no further step); during a training-time evaluation it aborts the evaluation; the
-final evaluation (finish phase) is never aborted.
+checkpoint (no further step); a stop that abandoned a training-time evaluation is recorded in
+the checkpoint, so the resumed run evaluates that step first.
 
 The callback is driven with the real transformers objects the Trainer passes it (arguments,
 state, control) and a real uploader process on a local store; the Trainer's loop itself is run
@@ -12,11 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from sft_job import storage
 from sft_job.checkpoint.preempt import StopFlag
-from sft_job.checkpoint.sync import STATE_FILE, EvalAborted, callback
+from sft_job.checkpoint.sync import STATE_FILE, callback
 from sft_job.checkpoint.uploader import Uploader
 from sft_job.spec import load_spec
 from tests.conftest import REPO
@@ -64,18 +62,27 @@ def test_stop_during_a_periodic_save_makes_it_the_stop_checkpoint(tmp_path: Path
     assert state["step"] == 4 and "eval_pending" not in state
 
 
-def test_stop_aborts_a_training_evaluation_only(tmp_path: Path) -> None:
+def test_a_stop_that_abandoned_an_evaluation_is_recorded(tmp_path: Path) -> None:
+    """Step 6 is an evaluation step (train.eval_steps=6): when the stop left its evaluation
+    undone (no eval_loss logged at 6) the checkpoint says so, for the resumed run to evaluate
+    first; when the evaluation was logged, it does not."""
     from transformers import TrainerControl, TrainerState
 
     spec, args = _parts(tmp_path)
-    stop = StopFlag()
-    cb = callback(spec, None, stop, {}, tmp_path / "m.jsonl", tmp_path / "stg")
-    state, control = TrainerState(global_step=6), TrainerControl()
-    cb.on_train_begin(args, state, control)
-    cb.on_prediction_step(args, state, control)  # no stop: the evaluation goes on
-    stop.requested = True
-    with pytest.raises(EvalAborted):
-        cb.on_prediction_step(args, state, control)
-    assert cb.eval_aborted_at == cb.stopped_at == 6
-    cb.on_train_end(args, state, control)  # the finish phase: its evaluation runs to the end
-    cb.on_prediction_step(args, state, control)
+    uri = str(tmp_path / "out" / "checkpoints")
+    stop = StopFlag(requested=True, signame="SIGTERM")
+    up = Uploader(uri, keep=5)
+    try:
+        cb = callback(spec, up, stop, {}, tmp_path / "m.jsonl", tmp_path / "stg", eval_every=6)
+        for step, evaluated in ((6, False), (12, True)):
+            state = TrainerState(global_step=step, max_steps=18)
+            if evaluated:
+                cb.on_log(args, state, TrainerControl(), logs={"eval_loss": 1.0})
+            _saved(args, step)
+            control = cb.on_save(args, state, TrainerControl())
+            assert control.should_training_stop
+            assert up.wait(60) and up.status[step] == "committed"
+    finally:
+        up.kill()
+    saved = {s: json.loads(Path(uri, f"step-{s:06d}", STATE_FILE).read_text()) for s in (6, 12)}
+    assert saved[6]["eval_pending"] is True and "eval_pending" not in saved[12]
