@@ -23,7 +23,8 @@ slowdown. Alongside wall time, the training process's own CPU seconds per step (
 to the stop checkpoint's "committed" line. Medians over seeds are printed with their range.
 moto is one Python process on the same cores as the training: on a 2-core box the upload
 (moto, the uploader, MD5 and CRC32 checksums) competes for CPU with training and with whatever
-else runs there (the load average is printed); there is no network. One intra-op thread by
+else runs there (the load average is printed); there is no network. `--store-nice 19` runs
+moto at the lowest priority, a model of a store on other hardware. One intra-op thread by
 default (--threads): on a shared 2-core machine, OpenMP threads that spin while another
 process holds a core make step times erratic.
 """
@@ -232,7 +233,8 @@ def report(opts: argparse.Namespace, params: int, runs: list[dict[str, Any]]) ->
     print(f"\nmodel: Llama {params / 1e6:.1f}M params, {opts.method}, batch {opts.batch} x "
           f"{opts.max_length} tokens (packed), OMP_NUM_THREADS={opts.threads or 'default'}, "
           f"{os.cpu_count()} CPUs; checkpoint {size / MB:.0f} MB in {nfiles} files, every "
-          f"{opts.save_every} steps, SIGTERM after step {opts.steps}")
+          f"{opts.save_every} steps, SIGTERM after step {opts.steps}, moto at nice "
+          f"{opts.store_nice}")
     print(f"\n{'run':<9}{'load':>6}{'steps idle/upl':>16}{'wall idle':>10}{'upload':>8}"
           f"{'ratio':>7}{'cpu idle':>10}{'upload':>8}{'ratio':>7}{'save s':>8}{'upload s':>10}"
           f"{'SIGTERM->commit':>17}{'moto cpu':>10}")
@@ -272,6 +274,9 @@ def main() -> None:
     ap.add_argument("--baseline-code", type=Path, default=None,
                     help="a checkout of other code to run B's spec with (arm C)")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS (0: torch default)")
+    ap.add_argument("--store-nice", type=int, default=0,
+                    help="nice value for the moto server: 19 models a store on other hardware "
+                         "(it then yields these cores to the job)")
     ap.add_argument("--json", type=Path, default=None, help="Also write the raw timings here")
     ap.add_argument("--cache", default=os.environ.get(
         "SFT_JOB_CACHE", str(Path.home() / ".cache" / "sft-job")))
@@ -281,6 +286,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as d, \
             s3_server(buckets=[BUCKET]) as s3:
         tmp = Path(d)
+        if opts.store_nice:  # its request threads, started later, inherit it
+            os.setpriority(os.PRIO_PROCESS, s3.pid, opts.store_nice)
         params = build_model(tmp / "model", opts.hidden, opts.layers, opts.inter)
         print(f"built a random Llama with {params / 1e6:.1f}M parameters", flush=True)
         arms = [("a", None, REPO), ("b", opts.save_every, REPO)]

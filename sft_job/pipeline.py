@@ -176,7 +176,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
         _eval_before(trainer, bundle.eval, metrics_path, stop)
     train_out = ckpt.train(trainer, resume, can_skip_final=spec.deepspeed == "none")
     if preempt.agree(bool(stop.requested)):  # every rank: a signal may have reached only some
-        _stop_after_checkpoint(spec, trainer, sync, uploader, stop)
+        ckpt.stop_after_checkpoint(spec, trainer, sync, uploader, stop)  # raises Preempted
     if uploader is not None:
         uploader.wait()  # periodic checkpoints still in flight finish before the final upload
     ckpt.raise_if_failing(uploader)
@@ -288,36 +288,6 @@ def _eval_before(trainer: Any, rows: list[dict[str, Any]], metrics_path: Path, s
         with metrics_path.open("a") as f:
             f.write(json.dumps({"step": 0, "eval_loss_before": round(loss, 6),
                                 "eval_tokens": tokens}) + "\n")
-
-
-def _stop_after_checkpoint(spec: JobSpec, trainer: Any, sync: Any, uploader: Any,
-                           stop: Any) -> None:
-    """After a stop request: checkpoint this step if no save did, wait for this node's part
-    (node 0: the commit) within the stop budget, then exit 75."""
-    step = trainer.state.global_step
-    name = ckpt.step_name(step)
-    head = (f"preempted by {stop.signame} at step {step}" if stop.signame else
-            f"preempted at step {step} (a stop requested on another rank)")
-    if not ckpt.save_unsaved(trainer, sync):
-        raise Preempted(f"{head}: no step trained yet, nothing to checkpoint; rerun to start again")
-    if step == sync.resumed_step:
-        raise Preempted(f"{head}: checkpoint {name} was committed already; rerun to resume")
-    if uploader is None:
-        raise Preempted(f"{head}: stopped; each node's first rank uploads its part of {name}")
-    left = max(1.0, spec.output.stop_budget_seconds - stop.seconds_since())
-    in_time = uploader.wait(timeout=left)
-    if uploader.fatal is not None:
-        raise uploader.fatal
-    status = uploader.status.get(step)
-    if status == "committed":
-        raise Preempted(f"{head}: checkpoint {name} committed; rerun to resume")
-    if status == "uploaded":
-        raise Preempted(f"{head}: this node's part of {name} uploaded; node 0 commits it")
-    why = "it failed (see above)" if status else (
-        f"the upload did not finish within output.stop_budget_seconds="
-        f"{spec.output.stop_budget_seconds}" if not in_time else "it was not uploaded")
-    raise Preempted(f"{head}: checkpoint {name} is not committed ({why}); a rerun resumes "
-                    "from the previous one")
 
 
 def _efficiency(ranks: list[dict[str, Any]]) -> float | None:

@@ -33,7 +33,7 @@ from typing import Any
 from sft_job import storage
 from sft_job.checkpoint import commit
 from sft_job.checkpoint.commit import step_name
-from sft_job.errors import EXIT_ACCESS, EXIT_BUG, EXIT_RETRY, SftJobError, SpecError
+from sft_job.errors import EXIT_ACCESS, EXIT_BUG, EXIT_RETRY, Preempted, SftJobError, SpecError
 from sft_job.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,36 @@ def save_unsaved(trainer: Any, cb: Any) -> bool:
     trainer._save_checkpoint(trainer.model_wrapped, trial=None)  # what the Trainer's saves run
     trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
     return True
+
+
+def stop_after_checkpoint(spec: JobSpec, trainer: Any, sync: Any, uploader: Any,
+                           stop: Any) -> None:
+    """After a stop request: checkpoint this step if no save did, wait for this node's part
+    (node 0: the commit) within the stop budget, then raise Preempted (exit 75)."""
+    step = trainer.state.global_step
+    name = step_name(step)
+    head = (f"preempted by {stop.signame} at step {step}" if stop.signame else
+            f"preempted at step {step} (a stop requested on another rank)")
+    if not save_unsaved(trainer, sync):
+        raise Preempted(f"{head}: no step trained yet, nothing to checkpoint; rerun to start again")
+    if step == sync.resumed_step:
+        raise Preempted(f"{head}: checkpoint {name} was committed already; rerun to resume")
+    if uploader is None:
+        raise Preempted(f"{head}: stopped; each node's first rank uploads its part of {name}")
+    left = max(1.0, spec.output.stop_budget_seconds - stop.seconds_since())
+    in_time = uploader.wait(timeout=left)
+    if uploader.fatal is not None:
+        raise uploader.fatal
+    status = uploader.status.get(step)
+    if status == "committed":
+        raise Preempted(f"{head}: checkpoint {name} committed; rerun to resume")
+    if status == "uploaded":
+        raise Preempted(f"{head}: this node's part of {name} uploaded; node 0 commits it")
+    why = "it failed (see above)" if status else (
+        f"the upload did not finish within output.stop_budget_seconds="
+        f"{spec.output.stop_budget_seconds}" if not in_time else "it was not uploaded")
+    raise Preempted(f"{head}: checkpoint {name} is not committed ({why}); a rerun resumes "
+                    "from the previous one")
 
 
 def find_resume(spec: JobSpec, work: Path, state: dict[str, Any], allow_changed: bool,

@@ -11,7 +11,8 @@ the stop checkpoint's upload leaves it uncommitted: the rerun resumes from the o
 the half-uploaded one is deleted. The result is compared with an uninterrupted two-node run,
 at least as closely as test_distributed.py asks of a ZeRO resume (bitwise in practice).
 
-Time on 2 busy cores: about 2 minutes (six two-node runs of a 16-step job).
+Time on 2 shared cores: 2 min at load ~5, 7.5 min at load ~11 (six two-node runs of a 16-step
+job, one two-rank run).
 """
 
 from __future__ import annotations
