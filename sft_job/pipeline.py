@@ -24,6 +24,7 @@ from typing import Any
 from sft_job import storage
 from sft_job.checkpoint import preempt
 from sft_job.checkpoint import sync as ckpt
+from sft_job.checkpoint.uploader import Uploader
 from sft_job.errors import ModelError, Preempted
 from sft_job.spec import JobSpec, dump_spec
 
@@ -146,34 +147,40 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     metrics_path = stage / "metrics" / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
     run_state = ckpt.run_state(spec, bundle.files)
-    resume = ckpt.find_resume(spec, mine, run_state, allow_changed)
+    topo = ckpt.Topology.from_env()
+    resume = ckpt.find_resume(spec, mine, run_state, allow_changed, topo)
     if resume:
-        ckpt.restore_metrics(resume[0], metrics_path, resume[1])
+        ckpt.restore_metrics(resume.dir, metrics_path, resume.step)
     timings.mark("resume_lookup")
     if _is_main():  # after the resume check: a refused rerun leaves the bucket's job.yaml alone
         (stage / "job.yaml").write_text(dump_spec(spec))
         storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
     _check_stop(stop, "model loading")
-    uploader = ckpt.Uploader(storage.join(out_uri, "checkpoints"), spec.output.keep_checkpoints) \
-        if _is_main() else None
+    # one uploader process per node (its local rank 0), for the files that node's ranks write
+    uploader = Uploader(storage.join(out_uri, "checkpoints"), spec.output.keep_checkpoints,
+                        topo.node, topo.nodes, topo.world, spec.output.s3_endpoint_url) \
+        if topo.local_rank == 0 else None
     collator_ref: list[Any] = []
-    callbacks = [metrics_callback(metrics_path, collator_ref),
-                 ckpt.callback(spec, uploader, stop, run_state, metrics_path,
-                               work / "ckpt-staging")]
-    trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer", callbacks)
+    sync = ckpt.callback(spec, uploader, stop, run_state, metrics_path, work / "ckpt-staging",
+                         topo, resume.step if resume else None,
+                         spec.train.eval_steps if bundle.eval else None)
+    trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer",
+                            [metrics_callback(metrics_path, collator_ref)])
     collator_ref.append(trainer.sft_job_collator)
-    trainer.add_callback(evaluation_callback(trainer, bundle.eval, spec.train.eval_steps, stop))
+    trainer.add_callback(evaluation_callback(trainer, bundle.eval, spec.train.eval_steps, stop,
+                                             resume.step if resume and resume.eval_pending else None))
+    # after the evaluation: a stop requested while it ran is honoured at the same step's end
+    trainer.add_callback(sync)
     _log_plan(spec, trainer, bundle)
     if not resume and bundle.eval:  # the base model's loss, for before -> after
         _eval_before(trainer, bundle.eval, metrics_path, stop)
-    if resume and spec.deepspeed == "none" and ckpt.is_final(resume[0]):
-        train_out = ckpt.load_final(trainer, resume[0])  # trained already: only finish is left
-    else:
-        train_out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
-    if stop.requested:
-        _stop_after_checkpoint(spec, trainer, uploader, stop)
+    train_out = ckpt.train(trainer, resume, can_skip_final=spec.deepspeed == "none")
+    if preempt.agree(bool(stop.requested)):  # every rank: a signal may have reached only some
+        ckpt.stop_after_checkpoint(spec, trainer, sync, uploader, stop)  # raises Preempted
     if uploader is not None:
         uploader.wait()  # periodic checkpoints still in flight finish before the final upload
+    ckpt.raise_if_failing(uploader)
+    if uploader is not None:
         uploader.close()
     timings.mark("train")
     bundle.stats["ranks"] = _gather_rank_facts(trainer.sft_job_collator)
@@ -281,19 +288,6 @@ def _eval_before(trainer: Any, rows: list[dict[str, Any]], metrics_path: Path, s
         with metrics_path.open("a") as f:
             f.write(json.dumps({"step": 0, "eval_loss_before": round(loss, 6),
                                 "eval_tokens": tokens}) + "\n")
-
-
-def _stop_after_checkpoint(spec: JobSpec, trainer: Any, uploader: Any, stop: Any) -> None:
-    """After SIGTERM: wait for the checkpoint's commit within the stop budget, then exit 75."""
-    step = trainer.state.global_step
-    left = max(1.0, spec.output.stop_budget_seconds - stop.seconds_since())
-    ok = uploader.wait(timeout=left) if uploader is not None else True
-    if ok:
-        raise Preempted(f"preempted by {stop.signame} at step {step}: checkpoint "
-                        f"{ckpt.step_name(step)} committed; rerun to resume")
-    raise Preempted(f"preempted by {stop.signame} at step {step}: the checkpoint upload did not "
-                    f"finish within output.stop_budget_seconds={spec.output.stop_budget_seconds}; "
-                    "it is not committed, a rerun resumes from the previous one")
 
 
 def _efficiency(ranks: list[dict[str, Any]]) -> float | None:

@@ -60,14 +60,20 @@ def watch() -> Iterator[StopFlag]:
 
 def agree(flag: bool) -> bool:
     """True on every rank if any rank wants to stop (an all-reduce MAX); one process: itself."""
+    return bool(agree_max([int(flag)])[0])
+
+
+def agree_max(values: list[int]) -> list[int]:
+    """The element-wise maximum of `values` over all ranks (one all-reduce; every rank must
+    call it at the same point, so it is also a barrier); one process: `values`."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
+        return list(values)
     import torch
 
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
-    t = torch.tensor([1 if flag else 0], device=device)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [int(v) for v in t.tolist()]

@@ -1,13 +1,20 @@
-"""Checkpoints in the bucket: background upload with commit markers, rotation, and resume.
+"""Checkpoints, the training side: save, stage, queue; stop in every phase; resume.
 
     output.uri/checkpoints/step-000500/   trainer checkpoint + sft_job_state.json, COMMITTED last
 
 The trainer saves locally (HF Trainer: weights/adapter, optimizer, scheduler, RNG states,
-trainer_state with the step, so the data loader skips exactly the batches already seen); the
-callback hard-links that folder into a private staging copy (instant, and immune to the
-trainer's own rotation) and a background thread uploads and commits it while training goes on.
-Old committed checkpoints beyond `output.keep_checkpoints` are deleted only after a newer one
-is committed.
+trainer_state with the step, so the data loader skips exactly the batches already seen;
+DeepSpeed: each rank its partitions). On every node, local rank 0 hard-links the files its
+node's ranks wrote into a private staging copy (instant, and immune to the trainer's own
+rotation) and queues it for the node's uploader process (uploader.py); node 0 commits the
+checkpoint once every node's part is in the bucket (commit.py). The training loop only
+waits for the local save.
+
+A stop request (SIGTERM) is honoured in every phase of training: at the next step boundary
+(finish the step, save, upload, exit 75); during an evaluation, which the evaluation loop
+abandons at its next batch, so the step it follows is checkpointed at once (the checkpoint
+records it, and a resumed run runs that evaluation first: the metrics match an uninterrupted
+run's); during a periodic save, which then becomes the stop checkpoint, with no further step.
 """
 
 from __future__ import annotations
@@ -16,16 +23,17 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import re
 import shutil
-import threading
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sft_job import storage
-from sft_job.errors import SftJobError, SpecError, TransientError
+from sft_job.checkpoint import commit
+from sft_job.checkpoint.commit import step_name
+from sft_job.errors import EXIT_ACCESS, EXIT_BUG, EXIT_RETRY, Preempted, SftJobError, SpecError
 from sft_job.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -34,8 +42,32 @@ STATE_FILE = "sft_job_state.json"
 METRICS_FILE = "sft_job_metrics.jsonl"
 
 
-def step_name(step: int) -> str:
-    return f"step-{step:06d}"
+@dataclass(frozen=True)
+class Topology:
+    """Where this process sits: global rank and world size, node and node count, local rank."""
+
+    rank: int = 0
+    world: int = 1
+    node: int = 0
+    nodes: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Topology:
+        """From the variables torch's elastic launcher sets (GROUP_RANK is the node)."""
+        env = os.environ
+        rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+        local_world = max(1, int(env.get("LOCAL_WORLD_SIZE") or world))
+        return cls(rank, world, int(env.get("GROUP_RANK") or rank // local_world),
+                   int(env.get("GROUP_WORLD_SIZE") or max(1, world // local_world)),
+                   int(env.get("LOCAL_RANK", "0")))
+
+
+@dataclass(frozen=True)
+class Resume:
+    dir: Path
+    step: int
+    eval_pending: bool = False  # the stop abandoned the evaluation at this step: run it first
 
 
 def data_hash(files: list[Path]) -> str:
@@ -51,103 +83,52 @@ def data_hash(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-class Uploader:
-    """One background thread committing checkpoint folders in order, then rotating."""
-
-    def __init__(self, checkpoints_uri: str, keep: int) -> None:
-        self.uri = checkpoints_uri
-        self.keep = keep
-        self._q: queue.Queue[tuple[int, Path] | None] = queue.Queue()
-        self.committed: list[int] = []
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="ckpt-upload", daemon=True)
-        self._thread.start()
-
-    def submit(self, step: int, folder: Path) -> None:
-        self._q.put((step, folder))
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            try:
-                if item is None:
-                    return
-                self._upload(*item)
-            except BaseException as e:  # surfaced by wait(); the thread must not die silently
-                log.error("checkpoint upload failed: %s", e)
-                self.error = e
-            finally:
-                self._q.task_done()
-
-    def _upload(self, step: int, folder: Path) -> None:
-        t0 = time.perf_counter()
-        dest = storage.join(self.uri, step_name(step))
-        storage.put_dir(folder, dest, commit=True)  # COMMITTED marker written last
-        self.committed.append(step)
-        log.info("checkpoint %s committed to %s in %.1fs", step_name(step), dest,
-                 time.perf_counter() - t0)
-        shutil.rmtree(folder, ignore_errors=True)
-        self._rotate(step)
-
-    def _rotate(self, newest: int) -> None:
-        committed = storage.committed_dirs(self.uri)
-        for old in committed[self.keep:]:
-            log.info("deleting old checkpoint %s", old)
-            storage.delete_prefix(old)  # marker first, so a half-deleted one is never 'committed'
-        # uploads cut short (a preempted run) older than a committed checkpoint can never be
-        # resumed from: remove them too, or they would stay in the bucket for good
-        done = {u.rstrip("/").rsplit("/", 1)[-1] for u in committed}
-        names = {k.split("/", 1)[0] for k in storage.list_keys(self.uri) if "/" in k}
-        for name in sorted(names - done):
-            m = re.fullmatch(r"step-(\d+)", name)
-            if m and int(m.group(1)) < newest:
-                log.info("deleting the unfinished upload %s", name)
-                storage.delete_prefix(storage.join(self.uri, name))
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until every submitted upload is done (True) or `timeout` passes (False)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._q.unfinished_tasks:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        if self.error is not None:
-            err = self.error
-            if isinstance(err, SftJobError):
-                raise err
-            raise TransientError(f"checkpoint upload failed: {err}") from err
-        return True
-
-    def close(self) -> None:
-        self._q.put(None)
-
-
-def link_copy(src: Path, dest: Path) -> Path:
-    """Hard-link every file of `src` into `dest` (copy where links are not possible)."""
-    for f in src.rglob("*"):
-        if f.is_file():
-            target = dest / f.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(f, target)
-            except OSError:
-                shutil.copy2(f, target)
+def link_copy(src: Path, dest: Path, files: list[str] | None = None) -> Path:
+    """Hard-link `files` (relative paths; default all) of `src` into `dest` (copy where links
+    are not possible)."""
+    rels = files if files is not None else [f.relative_to(src).as_posix()
+                                            for f in src.rglob("*") if f.is_file()]
+    for rel in rels:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src / rel, target)
+        except OSError:
+            shutil.copy2(src / rel, target)
+    dest.mkdir(parents=True, exist_ok=True)
     return dest
 
 
-def callback(spec: JobSpec, uploader: Uploader | None, stop: Any, state: dict[str, Any],
-             metrics_path: Path, staging: Path) -> Any:
-    """TrainerCallback: time-based saves, SIGTERM -> save + stop, and on_save -> upload."""
+def callback(spec: JobSpec, uploader: Any, stop: Any, state: dict[str, Any], metrics_path: Path,
+             staging: Path, topo: Topology | None = None, resumed_step: int | None = None,
+             eval_every: int | None = None, extras: Any = None) -> Any:
+    """TrainerCallback: time-based saves, stop requests (step boundary, save; after the
+    evaluation callback, so after an evaluation a stop abandoned), and on_save -> stage this
+    node's part and queue it. `uploader`: this node's (local rank 0), else None. `eval_every`:
+    train.eval_steps when there is eval data. `extras(step) -> {uri: path}`: more to upload
+    with a checkpoint (node 0)."""
     from transformers import TrainerCallback
+    from transformers.trainer_utils import rotate_checkpoints
 
-    from sft_job.checkpoint.preempt import agree
+    from sft_job.checkpoint.preempt import agree, agree_max
 
+    topo = topo or Topology()
     every_s = spec.output.save_every_minutes * 60 if spec.output.save_every_minutes else None
 
     class CheckpointSync(TrainerCallback):
         def __init__(self) -> None:
             self.last_save = time.monotonic()
             self.stopped_at: int | None = None
+            self.last_saved: int | None = None
+            self.resumed_step = resumed_step
+            self.evaluated_at: int | None = None
+            self.eval_pending_at: int | None = None
+            self._token: str | None = None
+            self._ranks = {topo.rank}
+
+        def on_log(self, args, state_, control, logs=None, **kw):
+            if logs and "eval_loss" in logs:
+                self.evaluated_at = state_.global_step
 
         def on_step_end(self, args, state_, control, **kw):
             if agree(bool(stop.requested)):
@@ -160,31 +141,170 @@ def callback(spec: JobSpec, uploader: Uploader | None, stop: Any, state: dict[st
 
         def on_save(self, args, state_, control, **kw):
             self.last_save = time.monotonic()
-            if uploader is None or not state_.is_world_process_zero:
-                return control
-            src = Path(args.output_dir) / f"checkpoint-{state_.global_step}"
-            dest = link_copy(src, staging / step_name(state_.global_step))
-            (dest / STATE_FILE).write_text(json.dumps({**state, "step": state_.global_step}))
-            if metrics_path.is_file():
-                shutil.copyfile(metrics_path, dest / METRICS_FILE)
-            uploader.submit(state_.global_step, dest)
+            step = self.last_saved = state_.global_step
+            code = uploader.failure_code() if uploader is not None else 0
+            # every rank has written its files once all are here (this all-reduce is a
+            # barrier); agree on a stop requested during the save and on failing uploads
+            stop_now, worst = agree_max([int(bool(stop.requested)), _SEVERITY.get(code, 2)])
+            if worst:
+                raise _failure(uploader, worst)
+            self._meet()
+            if stop_now and self._eval_abandoned(step, state_.max_steps):
+                self.eval_pending_at = step
+                log.warning("stop requested during the evaluation at step %d: abandoned, the "
+                            "checkpoint comes first (a resumed run evaluates step %d first)",
+                            step, step)
+            if uploader is not None:
+                self._stage(args, step, urgent=bool(stop_now))
+            if not args.should_save and topo.local_rank == 0:  # the Trainer rotates on rank 0 only
+                rotate_checkpoints(args.output_dir, args.save_total_limit)
+            if stop_now:
+                if not control.should_training_stop:
+                    log.warning("stop requested during the save of step %d: it is the stop "
+                                "checkpoint", step)
+                control.should_training_stop = True
+                self.stopped_at = step
             return control
+
+        def _eval_abandoned(self, step: int, max_steps: int) -> bool:
+            """An evaluation was due at `step` and the stop left it undone."""
+            due = bool(eval_every) and not step % eval_every and step < max_steps
+            return due and self.evaluated_at != step
+
+        def _meet(self) -> None:
+            """First save: share one attempt token (rank 0's) and learn this node's ranks."""
+            if self._token is not None:
+                return
+            import torch.distributed as dist
+
+            mine = (topo.rank, topo.node, uuid.uuid4().hex)
+            everyone: list[Any] = [mine]
+            if dist.is_available() and dist.is_initialized():
+                everyone = [None] * dist.get_world_size()
+                dist.all_gather_object(everyone, mine)
+            self._token = everyone[0][2]
+            self._ranks = {r for r, n, _ in everyone if n == topo.node}
+
+        def _stage(self, args: Any, step: int, urgent: bool) -> None:
+            src = Path(args.output_dir) / f"checkpoint-{step}"
+            dest = staging / f"node-{topo.node}" / step_name(step)
+            shutil.rmtree(dest, ignore_errors=True)
+            link_copy(src, dest, commit.part_files(src, self._ranks, common=topo.node == 0))
+            more = None
+            if topo.node == 0:
+                saved = {**state, "step": step}
+                if self.eval_pending_at == step:
+                    saved["eval_pending"] = True
+                (dest / STATE_FILE).write_text(json.dumps(saved))
+                if metrics_path.is_file():
+                    shutil.copyfile(metrics_path, dest / METRICS_FILE)
+                more = extras(step) if extras is not None else None
+            uploader.submit(step, dest, self._token or "", more, urgent)
 
     return CheckpointSync()
 
 
-def find_resume(spec: JobSpec, work: Path, state: dict[str, Any],
-                allow_changed: bool) -> tuple[Path, int] | None:
-    """The newest committed checkpoint in output.uri, downloaded, checked against this run's
+# failure exit codes by how much they matter when ranks disagree (access > bug > transient)
+_SEVERITY = {0: 0, EXIT_RETRY: 1, EXIT_BUG: 2, EXIT_ACCESS: 3}
+
+
+def _failure(uploader: Any, worst: int) -> SftJobError:
+    mine = getattr(uploader, "fatal", None)
+    if mine is not None and _SEVERITY.get(mine.exit_code, 2) == worst:
+        return mine
+    err = SftJobError("checkpoint uploads keep failing on another node: see its log")
+    err.exit_code = {v: k for k, v in _SEVERITY.items()}[worst]
+    return err
+
+
+def raise_if_failing(uploader: Any) -> None:
+    """Every rank: end the job on all of them when a node's uploads keep failing."""
+    from sft_job.checkpoint.preempt import agree_max
+
+    code = uploader.failure_code() if uploader is not None else 0
+    worst = agree_max([_SEVERITY.get(code, 2)])[0]
+    if worst:
+        raise _failure(uploader, worst)
+
+
+def train(trainer: Any, resume: Resume | None, can_skip_final: bool) -> Any:
+    """trainer.train() from `resume`; a final checkpoint is only loaded (`can_skip_final`)."""
+    if resume and can_skip_final and is_final(resume.dir):
+        return load_final(trainer, resume.dir)  # trained already: only finish is left
+    return trainer.train(resume_from_checkpoint=str(resume.dir) if resume else None)
+
+
+def save_unsaved(trainer: Any, cb: Any) -> bool:
+    """Checkpoint the current step unless it is saved (or was resumed from) already; every rank
+    calls it (the save is collective under ZeRO-3). False when there is no step to save."""
+    step = trainer.state.global_step
+    if step in (cb.last_saved, cb.resumed_step):
+        return True
+    if not step:
+        return False
+    trainer._save_checkpoint(trainer.model_wrapped, trial=None)  # what the Trainer's saves run
+    trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+    return True
+
+
+def stop_after_checkpoint(spec: JobSpec, trainer: Any, sync: Any, uploader: Any,
+                           stop: Any) -> None:
+    """After a stop request: checkpoint this step if no save did, wait for this node's part
+    (node 0: the commit) within the stop budget, then raise Preempted (exit 75)."""
+    step = trainer.state.global_step
+    name = step_name(step)
+    head = (f"preempted by {stop.signame} at step {step}" if stop.signame else
+            f"preempted at step {step} (a stop requested on another rank)")
+    if not save_unsaved(trainer, sync):
+        raise Preempted(f"{head}: no step trained yet, nothing to checkpoint; rerun to start again")
+    if step == sync.resumed_step:
+        raise Preempted(f"{head}: checkpoint {name} was committed already; rerun to resume")
+    if uploader is None:
+        raise Preempted(f"{head}: stopped; each node's first rank uploads its part of {name}")
+    left = max(1.0, spec.output.stop_budget_seconds - stop.seconds_since())
+    in_time = uploader.wait(timeout=left)
+    if uploader.fatal is not None:
+        raise uploader.fatal
+    status = uploader.status.get(step)
+    if status == "committed":
+        raise Preempted(f"{head}: checkpoint {name} committed; rerun to resume")
+    if status == "uploaded":
+        raise Preempted(f"{head}: this node's part of {name} uploaded; node 0 commits it")
+    why = "it failed (see above)" if status else (
+        f"the upload did not finish within output.stop_budget_seconds="
+        f"{spec.output.stop_budget_seconds}" if not in_time else "it was not uploaded")
+    raise Preempted(f"{head}: checkpoint {name} is not committed ({why}); a rerun resumes "
+                    "from the previous one")
+
+
+def find_resume(spec: JobSpec, work: Path, state: dict[str, Any], allow_changed: bool,
+                topo: Topology | None = None) -> Resume | None:
+    """The newest committed checkpoint in output.uri whose objects are the ones committed,
+    downloaded (this rank's files: the common ones and its own) and checked against this run's
     spec and data hashes; None for a fresh start."""
+    topo = topo or Topology()
     uri = storage.join(spec.output.uri, "checkpoints")
-    latest = storage.latest_committed(uri)
-    if latest is None:
-        return None
-    local = work / "resume" / latest.rstrip("/").rsplit("/", 1)[-1]
-    if local.exists():
-        shutil.rmtree(local)
-    storage.get_dir(latest, local)
+    for latest in storage.committed_dirs(uri):
+        manifest = commit.read_manifest(latest)
+        changed = commit.changed_objects(latest, manifest)
+        if changed:
+            log.warning("%s: %s differ from its COMMITTED manifest; not resuming from it",
+                        latest, ", ".join(changed[:3]))
+            continue
+        if manifest.get("world_size") not in (None, topo.world):
+            log.warning("%s was written by %s ranks, this run has %d: downloading all of it",
+                        latest, manifest["world_size"], topo.world)
+        local = work / "resume" / latest.rstrip("/").rsplit("/", 1)[-1]
+        if local.exists():
+            shutil.rmtree(local)
+        files = commit.resume_files(manifest, topo.rank, topo.world)
+        commit.download(latest, files, local)
+        return _checked(latest, local, state, allow_changed, files)
+    return None
+
+
+def _checked(latest: str, local: Path, state: dict[str, Any], allow_changed: bool,
+             files: list[str] | None) -> Resume:
     saved = json.loads((local / STATE_FILE).read_text()) if (local / STATE_FILE).is_file() else {}
     changed = _changed_fields(saved, state)
     if changed and not allow_changed:
@@ -195,8 +315,9 @@ def find_resume(spec: JobSpec, work: Path, state: dict[str, Any],
         log.warning("resuming from %s although %s changed (--allow-changed)", latest,
                     ", ".join(changed))
     step = int(saved.get("step") or latest.rsplit("-", 1)[-1])
-    log.info("resuming from committed checkpoint %s (step %d)", latest, step)
-    return local, step
+    log.info("resuming from committed checkpoint %s (step %d)%s", latest, step,
+             f", {len(files)} files for this rank" if files is not None else "")
+    return Resume(local, step, bool(saved.get("eval_pending")))
 
 
 def _changed_fields(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

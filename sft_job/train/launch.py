@@ -30,6 +30,7 @@ class LaunchPlan:
     node_rank: int
     master_addr: str
     master_port: int
+    stop_budget_s: int = 30  # output.stop_budget_seconds: how long ranks may take to stop
 
     @property
     def world_size(self) -> int:
@@ -59,7 +60,7 @@ def plan(spec: JobSpec) -> LaunchPlan | None:
     if nproc * nnodes <= 1:
         return None
     return LaunchPlan(nproc, nnodes, node_rank, env.get("MASTER_ADDR", "127.0.0.1"),
-                      int(env.get("MASTER_PORT", "29500")))
+                      int(env.get("MASTER_PORT", "29500")), spec.output.stop_budget_seconds)
 
 
 def _gpu_count() -> int:
@@ -86,6 +87,9 @@ def launch(p: LaunchPlan, argv: list[str]) -> int:
         max_restarts=0,
         monitor_interval=0.5,
         start_method="spawn",
+        # on SIGTERM the launcher passes it on and kills the ranks after this long (torch's
+        # default is 30 s): give them the stop budget to commit their checkpoint, and a margin
+        shutdown_timeout=p.stop_budget_s + 15,
     )
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "sft_job", *argv)

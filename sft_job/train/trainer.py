@@ -174,24 +174,36 @@ def metrics_callback(path: Path, collator_ref: list[Any]) -> Any:
 
 
 def evaluation_callback(trainer: Any, rows: list[dict[str, Any]], every: int | None,
-                        stop: Any) -> Any:
+                        stop: Any, first_at: int | None = None) -> Any:
     """A TrainerCallback evaluating (token-weighted, finish/evaluate.py) every `every` steps
     but the last (the finish evaluates that one) and logging `eval_loss` through the trainer,
     so metrics.jsonl and trackers get it. An evaluation is skipped or abandoned when a stop is
-    requested: the checkpoint comes first."""
+    requested: the checkpoint comes first. `first_at`: a resumed run's step whose evaluation
+    the stop abandoned, run before training goes on."""
     from transformers import TrainerCallback
 
     from sft_job.finish.evaluate import eval_loss
 
     class Evaluation(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if first_at is not None and state.global_step == first_at and rows:
+                self._evaluate(state.global_step)
+            return control
+
         def on_step_end(self, args, state, control, **kw):
             step = state.global_step
             if not (every and rows) or step % every or step >= state.max_steps:
                 return control
+            should_log = control.should_log  # trainer.log() clears it: keep this step's loss
+            self._evaluate(step)
+            control.should_log = should_log
+            return control
+
+        def _evaluate(self, step: int) -> None:
+            log.info("step %d: evaluating (%d rows)", step, len(rows))
             loss, tokens = eval_loss(trainer, rows, should_stop=lambda: bool(stop.requested))
             if loss is not None:
                 trainer.log({"eval_loss": loss, "eval_tokens": tokens})
-            return control
 
     return Evaluation()
 

@@ -31,12 +31,13 @@ class Job:
     """`python -m sft_job ARGS` running in the background; stderr is collected line by line so
     a test can wait for a log line, then signal the process."""
 
-    def __init__(self, args: list[str], cache: Path, env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], cache: Path, env: dict[str, str],
+                 cwd: Path = REPO) -> None:
         self.args = args
         self.lines: list[str] = []
         self.times: list[float] = []  # time.monotonic() when each stderr line was read
         self._cond = threading.Condition()
-        self.proc = subprocess.Popen([sys.executable, "-m", "sft_job", *args], cwd=REPO,
+        self.proc = subprocess.Popen([sys.executable, "-m", "sft_job", *args], cwd=cwd,
                                      env=cli_env(cache, **env), stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
         self._out: list[str] = []

@@ -1,4 +1,4 @@
-"""checkpoint/sync.py Uploader: commit, rotation to `keep`, and the clean-up of uploads a
+"""checkpoint/uploader.py Uploader: commit, rotation to `keep`, and the clean-up of uploads a
 preempted run left unfinished. Local storage (the same Store interface the buckets use; the
 S3 path of rotation is covered end to end in tests/e2e/test_preempt.py)."""
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sft_job import storage
-from sft_job.checkpoint.sync import Uploader, step_name
+from sft_job.checkpoint.commit import step_name
+from sft_job.checkpoint.uploader import Uploader
 
 
 def _folder(tmp: Path, step: int) -> Path:
