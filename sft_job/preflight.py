@@ -13,7 +13,6 @@ access problem, 75 when the rest are transient storage failures).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import statistics
@@ -95,26 +94,12 @@ def probe_output(uri: str) -> str:
     if scheme == "hf":
         raise SpecError(f"output.uri: {uri}: the Hub is not an output location; use "
                         "output.push_to_hub: org/name and a bucket or path for output.uri")
-    created = _missing_dirs(Path(key)) if scheme == "file" else []
+    if scheme == "file":  # no folders created for a check: a temporary one, removed
+        return storage.probe(uri, write=True)
     probe = storage.join(uri, f".sft-job-probe-{uuid.uuid4().hex[:8]}")
-    try:
-        storage.write_text(probe, "probe")
-        storage.delete_prefix(probe)
-    finally:
-        for d in created:  # deepest first: leave no empty folders behind a check
-            with contextlib.suppress(OSError):
-                d.rmdir()
+    storage.write_text(probe, "probe")
+    storage.delete_prefix(probe)
     return credential_source(uri)
-
-
-def _missing_dirs(path: Path) -> list[Path]:
-    """The folders of `path` (itself included) that do not exist yet, deepest first."""
-    out = []
-    for p in (path, *path.parents):
-        if p.exists():
-            break
-        out.append(p)
-    return out
 
 
 def credential_source(uri: str) -> str:
@@ -149,6 +134,9 @@ def fast_checks(spec: JobSpec, workdir: Path | None = None, probe_out: bool = Tr
     Downloads go under `workdir` (a temporary folder, removed, when None)."""
     rep = Report()
     storage.configure(spec.output.s3_endpoint_url)
+    for where, module, install in missing_packages(spec):  # this machine runs the job
+        rep.problem(where, f"needs the Python package '{module}', which is not installed "
+                    f"({install})")
     work = workdir or Path(tempfile.mkdtemp(prefix="sft-job-check-"))
     try:
         _cheap_pass(spec, rep, work, probe_out)
@@ -166,6 +154,9 @@ def preflight(spec: JobSpec, samples: int = 2, json_out: Path | None = None) -> 
     rep = Report()
     storage.configure(spec.output.s3_endpoint_url)
     rep.facts["spec_hash"] = spec.run_hash()
+    for where, module, install in missing_packages(spec):  # the job may run elsewhere
+        rep.warnings.append(f"{where}: needs the Python package '{module}', not installed here: "
+                            f"the machine that runs the job must have it ({install})")
     work = Path(tempfile.mkdtemp(prefix="sft-job-validate-"))
     try:
         _cheap_pass(spec, rep, work, probe_out=True)
@@ -202,19 +193,12 @@ def _check_spec(spec: JobSpec, rep: Report) -> None:
         rep.problem("data.packing", "custom model code (trust_remote_code) may not honour "
                     "per-sample position ids, so packed samples could attend to each other; "
                     "set data.packing: false")
-    if spec.trainer:
-        import dataclasses
-
-        from trl import SFTConfig
-
-        names = {f.name for f in dataclasses.fields(SFTConfig)}
-        for k in sorted(set(spec.trainer) - names):
-            rep.problem(f"trainer.{k}", "not an SFTConfig field")
-    if spec.method.kind == "qlora":
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            rep.problem("method.kind", "qlora needs bitsandbytes (pip install sft-job[qlora])")
+    if spec.trainer.fields_set():
+        try:
+            _probe_trainer(spec)
+        except SftJobError as e:  # its message starts with the trainer field
+            where, _, what = str(e).partition(": ")
+            rep.problem(where, what)
     if spec.deepspeed.endswith(".json"):
         from sft_job.train.deepspeed import config
 
@@ -222,6 +206,53 @@ def _check_spec(spec: JobSpec, rep: Report) -> None:
             config(spec)  # exists, parses, agrees with the spec
         except SftJobError as e:
             rep.error("deepspeed", e)
+
+
+# What a spec may ask for that needs a package the base install lacks: (asks, field, module,
+# how to get it). One table, checked by `validate` and first thing by `run`.
+OPTIONAL_PACKAGES: list[tuple[Any, str, str, str]] = [
+    (lambda s: s.method.kind == "qlora", "method.kind", "bitsandbytes",
+     "pip install 'sft-job[qlora]', or use the CUDA image"),
+    (lambda s: s.deepspeed != "none", "deepspeed", "deepspeed",
+     "pip install 'sft-job[deepspeed]', or use the CUDA image"),
+    (lambda s: s.model.attn_implementation == "flash_attention_2", "model.attn_implementation",
+     "flash_attn", "build the CUDA image with FLASH_ATTN=on, or use sdpa"),
+    (lambda s: s.backend == "tpu", "backend", "torch_xla", "use the TPU image"),
+]
+
+
+def missing_packages(spec: JobSpec) -> list[tuple[str, str, str]]:
+    """(field, module, how to install) for each optional package the spec needs and lacks."""
+    import importlib.util
+
+    out = []
+    for asks, where, module, install in OPTIONAL_PACKAGES:
+        if asks(spec):
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                out.append((where, module, install))
+    return out
+
+
+def _probe_trainer(spec: JobSpec) -> None:
+    """The `trainer:` values build an SFTConfig, an optimizer and a schedule (tf32 is left to
+    `run`: it depends on the GPU the job gets, not on this machine)."""
+    from trl import SFTConfig
+
+    from sft_job.train.passthrough import check_settings
+
+    fields = {k: v for k, v in spec.trainer.fields_set().items() if k != "tf32"}
+    with tempfile.TemporaryDirectory(prefix="sft-job-probe-") as tmp:
+        try:
+            config = SFTConfig(output_dir=tmp, report_to="none", use_cpu=True,
+                               lr_scheduler_type=spec.train.lr_scheduler, **fields)
+        except (ValueError, TypeError) as e:
+            raise SpecError(f"trainer: SFTConfig rejected the settings: "
+                            f"{str(e).splitlines()[0]}") from None
+        check_settings(config)
 
 
 def _check_storage(spec: JobSpec, rep: Report, probe_out: bool = True) -> None:

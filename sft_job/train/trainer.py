@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from sft_job.data.tokenize import make_collator
 from sft_job.errors import SpecError
 from sft_job.spec import JobSpec
 from sft_job.train.backends import Backend, flattens
+from sft_job.train.passthrough import check_settings
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +90,14 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path) -> Any:
         args.update(deepspeed.prepare_cpu(backend.name))
     if backend.name == "cpu" and ds is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         args["ddp_backend"] = "gloo"  # use_cpu + gloo: real DDP, not N copies of the job
-    fields = {f.name for f in dataclasses.fields(SFTConfig)}
-    unknown = sorted(set(spec.trainer) - fields)
-    if unknown:
-        raise SpecError(f"trainer: unknown SFTConfig field(s) {', '.join(unknown)} "
-                        "(see trl.SFTConfig for the names)")
-    args.update(spec.trainer)
+    args["logging_nan_inf_filter"] = False  # a NaN loss must show: the guard stops on it
+    args.update(spec.trainer.fields_set())
     try:
-        return SFTConfig(**args)
+        config = SFTConfig(**args)
     except (ValueError, TypeError) as e:
         raise SpecError(f"trainer: SFTConfig rejected the settings: {str(e).splitlines()[0]}") from None
+    check_settings(config)
+    return config
 
 
 def build_trainer(spec: JobSpec, backend: Backend, model: Any, tokenizer: Any,
