@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sft_job.errors import AccessError, ModelError, SpecError, TransientError
+from sft_job.errors import (
+    AccessError,
+    ModelError,
+    SftJobError,
+    SpecError,
+    TransientError,
+    UnsupportedError,
+)
 from sft_job.models import source
 from sft_job.spec import MethodSpec, ModelSpec
 
@@ -141,6 +150,32 @@ def check_model_dir(path: Path, base: str) -> None:
     if not has_weights:
         raise ModelError(f"model.base: {base} has no weights (*.safetensors or pytorch_model.bin); "
                          "was the upload incomplete?")
+    from sft_job.models.files import check_config, check_weights
+
+    check_config(path, base)
+    check_weights(path, base)
+
+
+@contextlib.contextmanager
+def loading(what: str, src: Any) -> Iterator[None]:
+    """Loading a model, tokenizer or adapter from a user's files: whatever the libraries raise
+    about the files (corrupt, wrong kind, mismatched shapes, a refused pickle, a package the
+    model's code needs) becomes one ModelError line (exit 2) naming them."""
+    try:
+        yield
+    except (SftJobError, MemoryError, KeyboardInterrupt):
+        raise
+    except ImportError as e:
+        raise UnsupportedError(f"{what}: loading {src} needs a package that is not installed "
+                               f"({_first_line(e)})") from None
+    except Exception as e:  # tokenizers raises a plain Exception for a bad file
+        raise ModelError(f"{what}: cannot load {src}: {type(e).__name__}: {_first_line(e)}") \
+            from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0][:240] if lines else "no details"
 
 
 def load_tokenizer(spec: ModelSpec, model_dir: Path, need_chat_template: bool) -> Any:
@@ -154,11 +189,8 @@ def load_tokenizer(spec: ModelSpec, model_dir: Path, need_chat_template: bool) -
         from sft_job.storage.cache import fetch_model
 
         src = str(fetch_model(spec.tokenizer))
-    try:
+    with loading("model.tokenizer", f"a tokenizer from {src}"):
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model.tokenizer: cannot load a tokenizer from {src}: "
-                         f"{str(e).splitlines()[0]}") from None
     if not getattr(tok, "is_fast", False):
         raise ModelError(f"model.tokenizer: {src} has no fast tokenizer (tokenizer.json); "
                          "sft-job needs character offsets to mask prompts")
@@ -194,10 +226,14 @@ def load_model(spec: ModelSpec, method: MethodSpec, model_dir: Path, dtype: Any,
         )
     if device_map is not None:
         kwargs["device_map"] = device_map
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model.base: cannot load {spec.base}: {str(e).splitlines()[0]}") from None
+    with loading("model.base", spec.base):
+        model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), output_loading_info=True,
+                                                           **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would train them from random values, silently
+        raise ModelError(f"model.base: {spec.base}: {len(missing)} weight(s) of "
+                         f"{type(model).__name__} are not in its files (e.g. {missing[0]}); the "
+                         "weights do not match config.json (another architecture?)")
     model.config.use_cache = False
     if method.kind == "qlora":
         from peft import prepare_model_for_kbit_training
