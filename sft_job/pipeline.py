@@ -9,12 +9,12 @@ run is complete and a rerun exits at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from sft_job import storage
-from sft_job.checkpoint import preempt
+from sft_job.checkpoint import lease, preempt
 from sft_job.checkpoint import sync as ckpt
-from sft_job.errors import ModelError, Preempted
+from sft_job.errors import ModelError, Preempted, SftJobError, TrainingDiverged
 from sft_job.spec import JobSpec, dump_spec
+from sft_job.train.guard import require_finite
 
 log = logging.getLogger("sft_job")
 
@@ -69,11 +70,41 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
 
 
+_WORK_LOCKS: list[Any] = []  # open lock files, held for the life of the process
+
+
 def workdir_for(spec: JobSpec) -> Path:
-    """Local scratch for this job ($SFT_JOB_WORKDIR, else the system temp dir)."""
-    root = Path(os.environ.get("SFT_JOB_WORKDIR") or Path(tempfile.gettempdir()) / "sft-job")
-    path = root / f"{spec.name}-{spec.run_hash()[:8]}"
-    path.mkdir(parents=True, exist_ok=True)
+    """Local scratch for this job ($SFT_JOB_WORKDIR, else the system temp dir), keyed by the
+    job, its spec hash and its output (two outputs never share one), locked per rank: a second
+    process of the same job on the same output on this machine stops (exit 2) before touching
+    it."""
+    import fcntl
+    import hashlib
+
+    from sft_job.errors import OutputInUse
+    from sft_job.storage.base import location_key
+    from sft_job.storage.cache import work_root
+    from sft_job.storage.local import os_error
+
+    out = hashlib.sha256(repr(location_key(spec.output.uri)).encode()).hexdigest()[:8]
+    path = work_root() / f"{spec.name}-{spec.run_hash()[:8]}-{out}"
+    lock = path / f".lock-rank{_rank()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        f = lock.open("a+")
+    except OSError as e:
+        raise os_error(e, f"SFT_JOB_WORKDIR {path}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise OutputInUse(f"output.uri: {spec.output.uri}: this job is already running on this "
+                          f"machine (pid {f.read().strip() or '?'}, work folder {path})") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _WORK_LOCKS.append(f)
     return path
 
 
@@ -83,7 +114,7 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
     during training they become a committed checkpoint, during finish they are noted and the
     finish goes on (a second signal exits at once)."""
     setup_logging()
-    with preempt.watch() as stop:
+    with preempt.watch() as stop, lease.scope():  # the output's lease ends with the run
         return _run(spec, allow_changed, stop)
 
 
@@ -111,6 +142,10 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
         # spec, storage access (a write probe of output.uri), model files and every data row,
         # without torch: a bad job fails in seconds, before any model is downloaded
         fast_checks(spec, workdir=mine)
+        lease.acquire(spec)  # the output is this run's from here on (exit 2 if another's)
+        if storage.exists(storage.join(out_uri, SUCCESS)):  # finished while we waited
+            log.info("%s/%s exists: this job is already done, nothing to do", out_uri, SUCCESS)
+            return {"already_done": True}
         for stale in (stage, work / "trainer", work / "ckpt-staging"):
             shutil.rmtree(stale, ignore_errors=True)  # a reused machine's leftovers are not ours
         stage.mkdir(parents=True, exist_ok=True)
@@ -119,7 +154,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     # Imports of torch/transformers/trl happen from here on, after the cheap checks.
     from sft_job.data import build as build_data
     from sft_job.finish.evaluate import generate, sample_prompts
-    from sft_job.models.load import load_model, load_tokenizer, resolve_model_dir
+    from sft_job.models.load import check_vocab, load_model, load_tokenizer, resolve_model_dir
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer, evaluation_callback, metrics_callback
 
@@ -137,6 +172,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
 
     model = load_model(spec.model, spec.method, model_dir, backend.torch_dtype(),
                        model_attn(model_dir, backend.attn, spec.data.max_length))
+    check_vocab(spec.model, tokenizer, model)
     timings.mark("model_load")
     pairs = sample_prompts(spec.eval.prompts, bundle.eval_examples or bundle.train_examples,
                            spec.eval.num_samples, bundle.format, spec.data, tokenizer)
@@ -150,9 +186,6 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     if resume:
         ckpt.restore_metrics(resume[0], metrics_path, resume[1])
     timings.mark("resume_lookup")
-    if _is_main():  # after the resume check: a refused rerun leaves the bucket's job.yaml alone
-        (stage / "job.yaml").write_text(dump_spec(spec))
-        storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
     _check_stop(stop, "model loading")
     uploader = ckpt.Uploader(storage.join(out_uri, "checkpoints"), spec.output.keep_checkpoints) \
         if _is_main() else None
@@ -163,13 +196,23 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer", callbacks)
     collator_ref.append(trainer.sft_job_collator)
     trainer.add_callback(evaluation_callback(trainer, bundle.eval, spec.train.eval_steps, stop))
+    if _is_main():  # the last check passed (trainer settings, LoRA targets): now output.uri
+        lease.check()  # is written to, never before
+        (stage / "job.yaml").write_text(dump_spec(spec))
+        storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
     _log_plan(spec, trainer, bundle)
     if not resume and bundle.eval:  # the base model's loss, for before -> after
         _eval_before(trainer, bundle.eval, metrics_path, stop)
     if resume and spec.deepspeed == "none" and ckpt.is_final(resume[0]):
         train_out = ckpt.load_final(trainer, resume[0])  # trained already: only finish is left
     else:
-        train_out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        try:
+            train_out = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+        except TrainingDiverged:
+            if uploader is not None:  # the checkpoints before the divergence are good: commit
+                with contextlib.suppress(SftJobError):
+                    uploader.wait(timeout=spec.output.stop_budget_seconds)
+            raise
     if stop.requested:
         _stop_after_checkpoint(spec, trainer, uploader, stop)
     if uploader is not None:
@@ -194,6 +237,7 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     eval_loss = eval_tokens = None
     if bundle.eval:  # every rank: evaluation and generation are collective under ZeRO-3
         eval_loss, eval_tokens = evaluate_loss(trainer, bundle.eval)
+        require_finite({"eval_loss": eval_loss}, "evaluation of the trained model")
         log.info("eval loss %.4f per trained token (%d tokens)", eval_loss, eval_tokens)
     after = generate(trainer.model, tokenizer, [p for _, p in pairs], spec.eval.max_new_tokens)
     samples_md = samples_markdown(pairs, before, after)
@@ -227,7 +271,10 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
         "method": spec.method.kind,
         "steps": trainer.state.global_step,
         "train_loss": losses[-1] if losses else None,
-        "train_loss_mean": round(float(train_out.training_loss), 6),
+        # NaN only when nothing was trained here (resumed at the final step); the guard
+        # stopped any run whose losses were not finite
+        "train_loss_mean": round(float(train_out.training_loss), 6)
+        if math.isfinite(train_out.training_loss) else None,
         # per trained token; before = the base model on the same rows, same code
         "eval_loss_before": next((m["eval_loss_before"] for m in metrics
                                   if "eval_loss_before" in m), None),
@@ -246,6 +293,8 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
         "adapter_uri": storage.join(out_uri, "adapter") if adapter_out else None,
         "timings_s": timings.phases,
     }
+    require_finite(summary, "summary")  # a NaN is a failure, never a published result
+    lease.check()
     metrics_dir = stage / "metrics"
     (metrics_dir / "samples.md").write_text(samples_md)
     report.loss_plot(metrics, metrics_dir / "loss.png")
@@ -275,6 +324,7 @@ def _eval_before(trainer: Any, rows: list[dict[str, Any]], metrics_path: Path, s
     _check_stop(stop, "the evaluation of the base model")
     if loss is None:
         return
+    require_finite({"eval_loss_before": loss}, "evaluation of the base model")
     log.info("eval loss before training %.4f per trained token (%d tokens)", loss, tokens)
     if _is_main():
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +412,7 @@ def _save_model(spec: JobSpec, tokenizer: Any, model_dir: Path, bundle: Any, sav
         log.info("merge check skipped: the base model is too large to load twice on CPU")
         return out, saved, None
     log.info("merge check: max |logit diff| merged vs base+adapter = %.2e", diff)
-    if diff > 1e-3:
+    if not diff <= 1e-3:  # NaN fails too
         raise ModelError(f"merge check failed: merged logits differ from base+adapter by "
                          f"{diff:.3g}; the adapter was not merged correctly")
     return out, saved, diff

@@ -13,6 +13,7 @@ access problem, 75 when the rest are transient storage failures).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import statistics
@@ -188,7 +189,44 @@ def _cheap_pass(spec: JobSpec, rep: Report, work: Path, probe_out: bool) -> None
     _scan_data(spec, rep, work)
 
 
+def inputs_of(spec: JobSpec) -> list[tuple[str, str]]:
+    """(what, location) of everything the job reads, and the local folders it keeps for itself
+    (model cache, Hub cache, work folder): output.uri may overlap none of them."""
+    from sft_job.models import source
+    from sft_job.storage.cache import cache_root, hub_cache_root, work_root
+
+    out = [("data.train", spec.data.train)]
+    out += [("data.eval", spec.data.eval)] if spec.data.eval else []
+    for label, loc in (("model.base", spec.model.base), ("model.tokenizer", spec.model.tokenizer)):
+        with contextlib.suppress(SftJobError):  # a bad one is reported by the model checks
+            if loc and source.parse(loc).kind in ("local", "bucket"):
+                out.append((label, loc))
+    out += [("deepspeed", spec.deepspeed)] if spec.deepspeed.endswith(".json") else []
+    return [*out, ("the model cache (SFT_JOB_CACHE)", str(cache_root())),
+            ("the Hugging Face cache", str(hub_cache_root())),
+            ("the work folder (SFT_JOB_WORKDIR)", str(work_root()))]
+
+
+def _check_overlap(spec: JobSpec, rep: Report) -> None:
+    """output.uri must not be, contain or sit inside an input: the run writes model/, adapter/,
+    checkpoints/ and job.yaml there (over a base model in `out/model`), deletes unfinished
+    uploads, and a rerun would read its own checkpoints as data."""
+    from sft_job.storage.base import overlap
+
+    out = spec.output.uri
+    for what, loc in inputs_of(spec):
+        try:
+            clash = overlap(out, loc)
+        except SftJobError:
+            continue  # an unusable location is reported by its own check
+        if clash:
+            rep.problem("output.uri", f"{out} and {what} ({loc}) overlap (one is inside the "
+                        "other); the job writes and deletes under output.uri: give it a folder "
+                        "or prefix of its own")
+
+
 def _check_spec(spec: JobSpec, rep: Report) -> None:
+    _check_overlap(spec, rep)
     if spec.data.packing and spec.model.trust_remote_code:
         rep.problem("data.packing", "custom model code (trust_remote_code) may not honour "
                     "per-sample position ids, so packed samples could attend to each other; "
@@ -535,23 +573,27 @@ def _render(row: dict[str, list[int]], tok: Any, stops: set[int]) -> dict[str, A
 
 
 def _estimate_memory(spec: JobSpec, rep: Report) -> None:
+    from sft_job.errors import ModelError
     from sft_job.memory import estimate
+    from sft_job.models.load import loading
 
     try:
-        est = estimate(spec)
+        with loading("model.base", f"the config of {spec.model.base}"):
+            est = estimate(spec)
+    except ModelError as e:  # the config itself is unusable: so would the run be
+        rep.error("model.base", e)
+        return
     except SftJobError as e:
         rep.warnings.append(f"memory estimate skipped: {e}")
-        return
-    except OSError as e:
-        rep.warnings.append(f"memory estimate skipped: config not reachable ({str(e)[:120]})")
         return
     if est is None:
         return
     rep.facts["memory"] = est
     acc = spec.resources.accelerator
     if acc and est.get("device_gb") and est["total_gb"] > est["device_gb"] * 0.92:
-        rep.warnings.append(
-            f"memory: about {est['total_gb']:.1f} GB per device needed, {acc} has "
+        rep.problem(  # the job would fail: validate must not say OK
+            "resources.accelerator",
+            f"about {est['total_gb']:.1f} GB per device needed, {acc} has "
             f"{est['device_gb']} GB: it will not fit; try method.kind: lora/qlora, "
             "method.gradient_checkpointing: true, a smaller train.batch_size or ZeRO-3")
 

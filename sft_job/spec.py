@@ -299,7 +299,9 @@ def parse_spec(text: str, source: str, overrides: list[str] | None = None) -> Jo
         doc = {}
     if not isinstance(doc, dict):
         raise SpecError(f"{source}: a job spec is a YAML mapping, got {type(doc).__name__}")
-    doc = interpolate_env(doc, source)
+    # top-level x-* keys hold YAML anchors for `<<: *name` merges (as in Compose files)
+    doc = interpolate_env({k: v for k, v in doc.items()
+                           if not (isinstance(k, str) and k.startswith("x-"))}, source)
     for o in overrides or []:
         apply_override(doc, o)
     leaked = credentials.find_in(doc)

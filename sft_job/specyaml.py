@@ -159,9 +159,10 @@ def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
     return memo[id(node)]
 
 
-def _hold_refs(text: str, held: dict[str, str]) -> str:
+def _hold_refs(text: str, held: dict[str, str], bad: dict[int, str]) -> str:
     """Swap each well-formed `${...}` for a plain placeholder, so a reference may stand where
-    YAML would read its braces as flow syntax; malformed ones stay and fail with their field."""
+    YAML would read its braces as flow syntax; malformed ones stay (and fail with their field,
+    or, if they break the YAML, with their line: `bad` maps line numbers to the problem)."""
     out, i = [], 0
     while (k := text.find("${", i)) >= 0:
         if k > 0 and text[k - 1] == "$":  # '$${': a literal '${'
@@ -170,7 +171,8 @@ def _hold_refs(text: str, held: dict[str, str]) -> str:
             continue
         try:
             end = _parse_ref(text, k)[0]
-        except _Malformed:
+        except _Malformed as e:
+            bad.setdefault(text.count("\n", 0, k) + 1, str(e))
             out.append(text[i:k + 2])
             i = k + 2
             continue
@@ -201,7 +203,8 @@ def load_yaml(text: str, source: str) -> Any:
         raise SpecError(f"{source}: the spec is {size:,} bytes; a job spec is at most "
                         f"{MAX_SPEC_BYTES:,} (put long lists such as eval prompts in the data)")
     held: dict[str, str] = {}
-    loader = _SpecLoader(_hold_refs(text, held))
+    bad: dict[int, str] = {}
+    loader = _SpecLoader(_hold_refs(text, held, bad))
     try:
         node = loader.get_single_node()
         if node is not None and _expanded_size(node, {}) > MAX_NODES:
@@ -209,6 +212,10 @@ def load_yaml(text: str, source: str) -> Any:
                             "(YAML aliases referring to aliases?); write it out plainly")
         doc = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        if line in bad:  # a broken ${...} broke the YAML: say that, not the YAML symptom
+            raise SpecError(f"{source}:{line}: {bad[line]}") from None
         raise SpecError(f"{source}{_where(e)}: invalid YAML: {_problem(e)}") from None
     except RecursionError:
         raise SpecError(f"{source}: invalid YAML: nested too deeply") from None

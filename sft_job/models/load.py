@@ -169,6 +169,9 @@ def loading(what: str, src: Any) -> Iterator[None]:
         raise UnsupportedError(f"{what}: loading {src} needs a package that is not installed "
                                f"({_first_line(e)})") from None
     except Exception as e:  # tokenizers raises a plain Exception for a bad file
+        if "ignore_mismatched_sizes" in str(e):
+            raise ModelError(f"{what}: cannot load {src}: the shapes of its weights do not match "
+                             "config.json (the mismatches are listed above)") from None
         raise ModelError(f"{what}: cannot load {src}: {type(e).__name__}: {_first_line(e)}") \
             from None
 
@@ -249,6 +252,7 @@ def lora_config(method: MethodSpec, model: Any) -> Any:
         return None
     from peft import LoraConfig
 
+    check_targets(method, model)
     fan_in_fan_out = getattr(model.config, "model_type", "") in ("gpt2",)  # Conv1D weights
     return LoraConfig(
         r=method.r,
@@ -259,3 +263,40 @@ def lora_config(method: MethodSpec, model: Any) -> Any:
         task_type="CAUSAL_LM",
         fan_in_fan_out=fan_in_fan_out,
     )
+
+
+def check_targets(method: MethodSpec, model: Any) -> None:
+    """Each name in method.target_modules matches a layer LoRA can adapt (PEFT's suffix rule),
+    else SpecError naming the layers there are: found before anything is written, not as a
+    traceback from PEFT."""
+    if method.target_modules == "all-linear":
+        return
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
+             torch.nn.Conv3d, torch.nn.MultiheadAttention, Conv1D)
+    modules = dict(model.named_modules())
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
+                     if isinstance(m, (torch.nn.Linear, Conv1D)) and n})
+    hint = f"its adaptable layers are named {', '.join(linear[:12])} (or use all-linear)"
+    for t in method.target_modules:
+        hits = [m for n, m in modules.items() if n == t or n.endswith("." + t)]
+        if not hits:
+            raise SpecError(f"method.target_modules: '{t}' matches no layer of "
+                            f"{type(model).__name__}; {hint}")
+        bad = next((m for m in hits if not isinstance(m, kinds)), None)
+        if bad is not None:
+            raise SpecError(f"method.target_modules: '{t}' is a {type(bad).__name__}, which LoRA "
+                            f"cannot adapt; {hint}")
+
+
+def check_vocab(spec: ModelSpec, tokenizer: Any, model: Any) -> None:
+    """Every token id the tokenizer can produce has an embedding row (a bigger tokenizer, e.g.
+    model.tokenizer from another model, fails here instead of as an index error in training)."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ModelError(f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but "
+                         f"{spec.base}'s embedding has {rows} rows; use the model's own "
+                         "tokenizer (or one of the same vocabulary)")

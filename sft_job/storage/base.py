@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -114,6 +115,25 @@ def split_uri(uri: str) -> tuple[str, str, str]:
         return "hf", "", rest.strip("/")
     bucket, _, key = rest.partition("/")
     return scheme, bucket, key.strip("/")
+
+
+def location_key(uri: str) -> tuple[str, str, tuple[str, ...]]:
+    """(scheme, bucket, path parts) of `uri`, the same for every spelling of one place (local
+    paths resolved: '~', '..', symlinks, file://)."""
+    scheme, bucket, key = split_uri(uri)
+    if scheme == "file":
+        return "file", "", Path(os.path.realpath(key)).parts
+    return scheme, bucket, tuple(p for p in key.split("/") if p)
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether the locations `a` and `b` are the same or one is inside the other (a path and
+    a bucket prefix never overlap; 's3://b/run' and 's3://b/run2' do not)."""
+    ka, kb = location_key(a), location_key(b)
+    if ka[:2] != kb[:2]:
+        return False
+    n = min(len(ka[2]), len(kb[2]))
+    return ka[2][:n] == kb[2][:n]
 
 
 def join(uri: str, *parts: str) -> str:
