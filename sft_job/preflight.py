@@ -152,6 +152,12 @@ def fast_checks(spec: JobSpec, workdir: Path | None = None, probe_out: bool = Tr
 def preflight(spec: JobSpec, samples: int = 2, json_out: Path | None = None) -> Report:
     """Run every check; print a report; raise PreflightFailed when the job would fail. The
     full pass (tokenizer, tokens, samples, memory) runs only when the cheap pass found nothing."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # (set again on its import)
+    for lib in ("transformers", "bitsandbytes", "trl", "peft", "accelerate"):
+        logging.getLogger(lib).setLevel(logging.ERROR)  # their notes are not the report
     rep = Report()
     storage.configure(spec.output.s3_endpoint_url)
     rep.facts["spec_hash"] = spec.run_hash()
@@ -278,12 +284,15 @@ def missing_packages(spec: JobSpec) -> list[tuple[str, str, str]]:
 def _probe_trainer(spec: JobSpec) -> None:
     """The `trainer:` values build an SFTConfig, an optimizer and a schedule (tf32 is left to
     `run`: it depends on the GPU the job gets, not on this machine)."""
-    from trl import SFTConfig
-
-    from sft_job.train.passthrough import check_settings
+    import warnings
 
     fields = {k: v for k, v in spec.trainer.fields_set().items() if k != "tf32"}
-    with tempfile.TemporaryDirectory(prefix="sft-job-probe-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sft-job-probe-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the libraries' import chatter is not the report
+        from trl import SFTConfig
+
+        from sft_job.train.passthrough import check_settings
+
         try:
             config = SFTConfig(output_dir=tmp, report_to="none", use_cpu=True,
                                lr_scheduler_type=spec.train.lr_scheduler, **fields)

@@ -178,7 +178,7 @@ def loading(what: str, src: Any) -> Iterator[None]:
 
 def _first_line(e: BaseException) -> str:
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0][:240] if lines else "no details"
+    return lines[0][:240].strip() if lines else "no details"
 
 
 def load_tokenizer(spec: ModelSpec, model_dir: Path, need_chat_template: bool) -> Any:

@@ -184,9 +184,9 @@ def _gcs_read(store: Any, key: str) -> tuple[bytes, str] | None:
         blob = store.bucket.get_blob(key)
         if blob is None:
             return None
+        gen = blob.generation  # before the download, which may reset the blob's properties
         try:
-            return blob.download_as_bytes(if_generation_match=blob.generation), \
-                str(blob.generation)
+            return blob.download_as_bytes(if_generation_match=gen), str(gen)
         except (NotFound, PreconditionFailed):  # replaced or deleted meanwhile: read again
             return _gcs_read(store, key)
 
@@ -200,7 +200,9 @@ def _gcs_put(store: Any, key: str, data: bytes, match: str | None) -> str | None
             blob.upload_from_string(data, if_generation_match=0 if match is None else int(match))
         except (PreconditionFailed, NotFound):
             return None
-        return str(blob.generation)
+        if blob.generation is None:  # some servers do not echo it
+            blob = store.bucket.get_blob(key)
+        return str(blob.generation) if blob is not None else None
 
 
 def _gcs_delete(store: Any, key: str, match: str) -> bool:
