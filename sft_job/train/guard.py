@@ -69,13 +69,13 @@ def callback() -> Any:
             self.skipped = bool(getattr(optimizer, "step_was_skipped", False))
             if self.params and not bool(torch.stack(
                     [torch.isfinite(p.detach()).all() for p in self.params]).all()):
-                raise TrainingDiverged(f"train: the trainable weights became NaN or infinite at "
-                                       f"step {state.global_step}; {HINT}")
+                raise TrainingDiverged(f"train: training diverged at step {state.global_step}: "
+                                       f"the trainable weights are NaN or infinite; {HINT}")
 
         def on_log(self, args, state, control, logs=None, **kw):
             values = {k: _as_float(v) for k, v in (logs or {}).items()}
             if self.skipped:  # fp16 loss scaling: an overflowing step is skipped, not applied
                 values.pop("grad_norm", None)
-            require_finite(values, f"train: at step {state.global_step}")
+            require_finite(values, f"train: training diverged at step {state.global_step}")
 
     return FiniteGuard()
