@@ -79,15 +79,12 @@ def workdir_for(spec: JobSpec) -> Path:
     process of the same job on the same output on this machine stops (exit 2) before touching
     it."""
     import fcntl
-    import hashlib
 
     from sft_job.errors import OutputInUse
-    from sft_job.storage.base import location_key
-    from sft_job.storage.cache import work_root
+    from sft_job.storage.cache import job_workdir
     from sft_job.storage.local import os_error
 
-    out = hashlib.sha256(repr(location_key(spec.output.uri)).encode()).hexdigest()[:8]
-    path = work_root() / f"{spec.name}-{spec.run_hash()[:8]}-{out}"
+    path = job_workdir(spec.name, spec.run_hash(), spec.output.uri)
     lock = path / f".lock-rank{_rank()}"
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -199,7 +199,7 @@ def inputs_of(spec: JobSpec) -> list[tuple[str, str]]:
     """(what, location) of everything the job reads, and the local folders it keeps for itself
     (model cache, Hub cache, work folder): output.uri may overlap none of them."""
     from sft_job.models import source
-    from sft_job.storage.cache import cache_root, hub_cache_root, work_root
+    from sft_job.storage.cache import cache_root, hub_cache_root, job_workdir
 
     out = [("data.train", spec.data.train)]
     out += [("data.eval", spec.data.eval)] if spec.data.eval else []
@@ -210,7 +210,7 @@ def inputs_of(spec: JobSpec) -> list[tuple[str, str]]:
     out += [("deepspeed", spec.deepspeed)] if spec.deepspeed.endswith(".json") else []
     return [*out, ("the model cache (SFT_JOB_CACHE)", str(cache_root())),
             ("the Hugging Face cache", str(hub_cache_root())),
-            ("the work folder (SFT_JOB_WORKDIR)", str(work_root()))]
+            ("its work folder", str(job_workdir(spec.name, spec.run_hash(), spec.output.uri)))]
 
 
 def _check_overlap(spec: JobSpec, rep: Report) -> None:
@@ -220,7 +220,11 @@ def _check_overlap(spec: JobSpec, rep: Report) -> None:
     from sft_job.storage.base import overlap
 
     out = spec.output.uri
-    for what, loc in inputs_of(spec):
+    try:
+        inputs = inputs_of(spec)
+    except SftJobError:
+        return  # an unusable output.uri is reported by the storage checks
+    for what, loc in inputs:
         try:
             clash = overlap(out, loc)
         except SftJobError:
