@@ -70,39 +70,9 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", message=".*gemm_4bit.*")
 
 
-_WORK_LOCKS: list[Any] = []  # open lock files, held for the life of the process
-
-
 def workdir_for(spec: JobSpec) -> Path:
-    """Local scratch for this job ($SFT_JOB_WORKDIR, else the system temp dir), keyed by the
-    job, its spec hash and its output (two outputs never share one), locked per rank: a second
-    process of the same job on the same output on this machine stops (exit 2) before touching
-    it."""
-    import fcntl
-
-    from sft_job.errors import OutputInUse
-    from sft_job.storage.cache import job_workdir
-    from sft_job.storage.local import os_error
-
-    path = job_workdir(spec.name, spec.run_hash(), spec.output.uri)
-    lock = path / f".lock-rank{_rank()}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        f = lock.open("a+")
-    except OSError as e:
-        raise os_error(e, f"SFT_JOB_WORKDIR {path}") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise OutputInUse(f"output.uri: {spec.output.uri}: this job is already running on this "
-                          f"machine (pid {f.read().strip() or '?'}, work folder {path})") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    _WORK_LOCKS.append(f)
-    return path
+    """Local scratch for this job on this output, locked for this rank (see lease.workdir)."""
+    return lease.workdir(spec, _rank())
 
 
 def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:

@@ -16,6 +16,7 @@ runs taking it over at once cannot both win.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 LEASE = "_LEASE"
 _held: list[Lease] = []  # the lease this process holds (rank 0 of a run), for release/check
+_WORK_LOCKS: list[Any] = []  # open lock files of work folders, held for the process's life
 
 
 class Lease:
@@ -200,3 +202,34 @@ def scope() -> Iterator[None]:
     finally:
         while _held:
             _held.pop().release()
+
+
+def workdir(spec: JobSpec, rank: int) -> Path:
+    """Local scratch for this job ($SFT_JOB_WORKDIR, else the system temp dir), keyed by the
+    job, its spec hash and its output (two outputs never share one), locked per rank: a second
+    process of the same job on the same output on this machine stops (exit 2) before touching
+    it."""
+    from sft_job.storage.cache import job_workdir
+    from sft_job.storage.local import os_error
+
+    path = job_workdir(spec.name, spec.run_hash(), spec.output.uri)
+    lock = path / f".lock-rank{rank}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        f = lock.open("a+")
+    except OSError as e:
+        raise os_error(e, f"SFT_JOB_WORKDIR {path}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise OutputInUse(f"output.uri: {spec.output.uri}: this job is already running on this "
+                          f"machine (pid {pid}, work folder {path})") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _WORK_LOCKS.append(f)
+    return path
