@@ -85,6 +85,43 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
         return _run(spec, allow_changed, stop)
 
 
+def _already_done(spec: JobSpec, allow_changed: bool) -> bool:
+    """_SUCCESS is in output.uri: done, if it is this job's result. A finished run of another
+    spec there (its job.yaml differs in a field that changes the model) is refused (exit 2)
+    rather than reported as done; --allow-changed accepts it."""
+    import yaml
+
+    from sft_job.errors import SpecError
+
+    out_uri = spec.output.uri
+    if not storage.exists(storage.join(out_uri, SUCCESS)):
+        return False
+    try:
+        theirs = JobSpec.model_validate(yaml.safe_load(
+            storage.read_text(storage.join(out_uri, "job.yaml"))))
+    except (SftJobError, yaml.YAMLError, ValueError, TypeError):
+        theirs = None  # no readable job.yaml (an older version's run): trust _SUCCESS
+    if theirs is not None and theirs.run_hash() != spec.run_hash() and not allow_changed:
+        changed = _changed(theirs.model_dump(mode="json"), spec.model_dump(mode="json"))
+        raise SpecError(f"output.uri: {out_uri} holds the finished run of another spec "
+                        f"({', '.join(changed) or 'spec'} differ); use a new output.uri "
+                        "(--allow-changed accepts it as done)")
+    log.info("%s/%s exists: this job is already done, nothing to do", out_uri, SUCCESS)
+    return True
+
+
+def _changed(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The spec fields (section.key) that differ between two dumped specs, outputs aside."""
+    out = []
+    for sec in sorted((set(a) | set(b)) - {"output", "eval", "resources"}):
+        x, y = a.get(sec), b.get(sec)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{sec}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        elif x != y:
+            out.append(sec)
+    return out
+
+
 def _check_stop(stop: Any, phase: str) -> None:
     if stop.requested:
         raise Preempted(f"preempted by {stop.signame} during {phase}, before training started: "
@@ -95,8 +132,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     timings = Timings()
     storage.configure(spec.output.s3_endpoint_url)
     out_uri = spec.output.uri
-    if storage.exists(storage.join(out_uri, SUCCESS)):
-        log.info("%s/%s exists: this job is already done, nothing to do", out_uri, SUCCESS)
+    if _already_done(spec, allow_changed):
         return {"already_done": True}
     from sft_job.preflight import fast_checks
 
@@ -110,8 +146,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
         # without torch: a bad job fails in seconds, before any model is downloaded
         fast_checks(spec, workdir=mine)
         lease.acquire(spec)  # the output is this run's from here on (exit 2 if another's)
-        if storage.exists(storage.join(out_uri, SUCCESS)):  # finished while we waited
-            log.info("%s/%s exists: this job is already done, nothing to do", out_uri, SUCCESS)
+        if _already_done(spec, allow_changed):  # finished while we waited for the lease
             return {"already_done": True}
         for stale in (stage, work / "trainer", work / "ckpt-staging"):
             shutil.rmtree(stale, ignore_errors=True)  # a reused machine's leftovers are not ours

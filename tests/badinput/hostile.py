@@ -86,6 +86,21 @@ def bigger_tokenizer(c: Ctx) -> None:
     tok.save(str(c.d / "tok" / "tokenizer.json"))
 
 
+def finished_run_of(**train: Any) -> Callable[[Ctx], None]:
+    """{d}/out holds a finished run (_SUCCESS) of the case's spec with `train` changed."""
+
+    def write(c: Ctx) -> None:
+        from sft_job.spec import JobSpec, dump_spec
+        from tests.badinput.cases import BASE
+
+        doc = json.loads(json.dumps(BASE).replace("{d}", str(c.d)))
+        doc["train"] = {**doc["train"], **train}
+        (c.d / "out" / "job.yaml").write_text(dump_spec(JobSpec.model_validate(doc)))
+        (c.d / "out" / "_SUCCESS").write_text("")
+
+    return write
+
+
 def data_shards(c: Ctx) -> None:
     shards = c.d / "shards"
     shards.mkdir()
@@ -166,6 +181,9 @@ HOSTILE: list[Case] = [
     Case("output-leased-by-another-run", 2, ("in use by another run", "someone-elses-job",
                                              "other-host"),
          files=lease_file("local"), cmd="run", before_model=True),
+    Case("output-holds-another-specs-finished-run", 2, ("output.uri", "finished run of another "
+                                                        "spec", "train.learning_rate"),
+         files=finished_run_of(learning_rate=0.5), cmd="run", before_model=True),
     Case("s3-output-leased-by-another-run", 2, ("in use by another run", "someone-elses-job"),
          {"output": {"uri": "s3://runs/{id}"}}, lease_file("s3"), cmd="run", before_model=True),
     # --- 5. YAML: bounded expansion, nesting and size; merge keys work
