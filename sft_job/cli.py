@@ -84,7 +84,8 @@ def run(
 def validate(
     spec: SpecArg,
     set_: SetOpt = None,
-    samples: Annotated[int, typer.Option(help="Render N samples as training sees them.")] = 2,
+    samples: Annotated[int, typer.Option(min=0, max=1000,
+                                         help="Render N samples as training sees them.")] = 2,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write a machine-readable report here.")
     ] = None,
@@ -113,7 +114,7 @@ def merge(
 def generate(
     model: Annotated[str, typer.Argument(help="Model folder or URI (merged or base).")],
     prompt: Annotated[list[str], typer.Argument(help="One or more prompts.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=32_768, help="Tokens to generate.")] = 64,
     adapter: Annotated[str | None, typer.Option(help="Apply this adapter on top.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send each prompt as is, unformatted.")] = False,
 ) -> None:

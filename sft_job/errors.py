@@ -64,3 +64,16 @@ class Preempted(SftJobError):
     """The job was asked to stop (SIGTERM/SIGINT) and committed a checkpoint first."""
 
     exit_code = EXIT_RETRY
+
+
+class TrainingDiverged(SftJobError):
+    """The loss, a gradient norm or the weights became NaN or infinite: the same spec would do
+    it again, so retrying cannot help (nothing is published; committed checkpoints stay)."""
+
+    exit_code = EXIT_SPEC
+
+
+class OutputInUse(SftJobError):
+    """output.uri is leased by another live run (or this run lost its lease to one)."""
+
+    exit_code = EXIT_SPEC

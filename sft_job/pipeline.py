@@ -9,12 +9,12 @@ run is complete and a rerun exits at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from sft_job import storage
-from sft_job.checkpoint import preempt
+from sft_job.checkpoint import lease, preempt
 from sft_job.checkpoint import sync as ckpt
 from sft_job.checkpoint.uploader import Uploader
-from sft_job.errors import ModelError, Preempted
+from sft_job.errors import ModelError, Preempted, SftJobError, TrainingDiverged
 from sft_job.spec import JobSpec, dump_spec
+from sft_job.train.guard import require_finite
 
 log = logging.getLogger("sft_job")
 
@@ -71,11 +72,8 @@ def setup_logging() -> None:
 
 
 def workdir_for(spec: JobSpec) -> Path:
-    """Local scratch for this job ($SFT_JOB_WORKDIR, else the system temp dir)."""
-    root = Path(os.environ.get("SFT_JOB_WORKDIR") or Path(tempfile.gettempdir()) / "sft-job")
-    path = root / f"{spec.name}-{spec.run_hash()[:8]}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """Local scratch for this job on this output, locked for this rank (see lease.workdir)."""
+    return lease.workdir(spec, _rank())
 
 
 def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
@@ -84,8 +82,45 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
     during training they become a committed checkpoint, during finish they are noted and the
     finish goes on (a second signal exits at once)."""
     setup_logging()
-    with preempt.watch() as stop:
+    with preempt.watch() as stop, lease.scope():  # the output's lease ends with the run
         return _run(spec, allow_changed, stop)
+
+
+def _already_done(spec: JobSpec, allow_changed: bool) -> bool:
+    """_SUCCESS is in output.uri: done, if it is this job's result. A finished run of another
+    spec there (its job.yaml differs in a field that changes the model) is refused (exit 2)
+    rather than reported as done; --allow-changed accepts it."""
+    import yaml
+
+    from sft_job.errors import SpecError
+
+    out_uri = spec.output.uri
+    if not storage.exists(storage.join(out_uri, SUCCESS)):
+        return False
+    try:
+        theirs = JobSpec.model_validate(yaml.safe_load(
+            storage.read_text(storage.join(out_uri, "job.yaml"))))
+    except (SftJobError, yaml.YAMLError, ValueError, TypeError):
+        theirs = None  # no readable job.yaml (an older version's run): trust _SUCCESS
+    if theirs is not None and theirs.run_hash() != spec.run_hash() and not allow_changed:
+        changed = _changed(theirs.model_dump(mode="json"), spec.model_dump(mode="json"))
+        raise SpecError(f"output.uri: {out_uri} holds the finished run of another spec "
+                        f"({', '.join(changed) or 'spec'} differ); use a new output.uri "
+                        "(--allow-changed accepts it as done)")
+    log.info("%s/%s exists: this job is already done, nothing to do", out_uri, SUCCESS)
+    return True
+
+
+def _changed(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The spec fields (section.key) that differ between two dumped specs, outputs aside."""
+    out = []
+    for sec in sorted((set(a) | set(b)) - {"output", "eval", "resources"}):
+        x, y = a.get(sec), b.get(sec)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{sec}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        elif x != y:
+            out.append(sec)
+    return out
 
 
 def _check_stop(stop: Any, phase: str) -> None:
@@ -98,8 +133,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     timings = Timings()
     storage.configure(spec.output.s3_endpoint_url)
     out_uri = spec.output.uri
-    if storage.exists(storage.join(out_uri, SUCCESS)):
-        log.info("%s/%s exists: this job is already done, nothing to do", out_uri, SUCCESS)
+    if _already_done(spec, allow_changed):
         return {"already_done": True}
     from sft_job.preflight import fast_checks
 
@@ -112,6 +146,9 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
         # spec, storage access (a write probe of output.uri), model files and every data row,
         # without torch: a bad job fails in seconds, before any model is downloaded
         fast_checks(spec, workdir=mine)
+        lease.acquire(spec)  # the output is this run's from here on (exit 2 if another's)
+        if _already_done(spec, allow_changed):  # finished while we waited for the lease
+            return {"already_done": True}
         for stale in (stage, work / "trainer", work / "ckpt-staging"):
             shutil.rmtree(stale, ignore_errors=True)  # a reused machine's leftovers are not ours
         stage.mkdir(parents=True, exist_ok=True)
@@ -120,7 +157,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     # Imports of torch/transformers/trl happen from here on, after the cheap checks.
     from sft_job.data import build as build_data
     from sft_job.finish.evaluate import generate, sample_prompts
-    from sft_job.models.load import load_model, load_tokenizer, resolve_model_dir
+    from sft_job.models.load import check_vocab, load_model, load_tokenizer, resolve_model_dir
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer, evaluation_callback, metrics_callback
 
@@ -138,6 +175,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
 
     model = load_model(spec.model, spec.method, model_dir, backend.torch_dtype(),
                        model_attn(model_dir, backend.attn, spec.data.max_length))
+    check_vocab(spec.model, tokenizer, model)
     timings.mark("model_load")
     pairs = sample_prompts(spec.eval.prompts, bundle.eval_examples or bundle.train_examples,
                            spec.eval.num_samples, bundle.format, spec.data, tokenizer)
@@ -152,9 +190,6 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     if resume:
         ckpt.restore_metrics(resume.dir, metrics_path, resume.step)
     timings.mark("resume_lookup")
-    if _is_main():  # after the resume check: a refused rerun leaves the bucket's job.yaml alone
-        (stage / "job.yaml").write_text(dump_spec(spec))
-        storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
     _check_stop(stop, "model loading")
     # one uploader process per node (its local rank 0), for the files that node's ranks write
     uploader = Uploader(storage.join(out_uri, "checkpoints"), spec.output.keep_checkpoints,
@@ -171,10 +206,20 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
                                              resume.step if resume and resume.eval_pending else None))
     # after the evaluation: a stop requested while it ran is honoured at the same step's end
     trainer.add_callback(sync)
+    if _is_main():  # the last check passed (trainer settings, LoRA targets): now output.uri
+        lease.check()  # is written to, never before
+        (stage / "job.yaml").write_text(dump_spec(spec))
+        storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
     _log_plan(spec, trainer, bundle)
     if not resume and bundle.eval:  # the base model's loss, for before -> after
         _eval_before(trainer, bundle.eval, metrics_path, stop)
-    train_out = ckpt.train(trainer, resume, can_skip_final=spec.deepspeed == "none")
+    try:
+        train_out = ckpt.train(trainer, resume, can_skip_final=spec.deepspeed == "none")
+    except TrainingDiverged:
+        if uploader is not None:  # the checkpoints before the divergence are good: commit
+            with contextlib.suppress(SftJobError):
+                uploader.wait(timeout=spec.output.stop_budget_seconds)
+        raise
     if preempt.agree(bool(stop.requested)):  # every rank: a signal may have reached only some
         ckpt.stop_after_checkpoint(spec, trainer, sync, uploader, stop)  # raises Preempted
     if uploader is not None:
@@ -201,6 +246,7 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     eval_loss = eval_tokens = None
     if bundle.eval:  # every rank: evaluation and generation are collective under ZeRO-3
         eval_loss, eval_tokens = evaluate_loss(trainer, bundle.eval)
+        require_finite({"eval_loss": eval_loss}, "evaluation of the trained model")
         log.info("eval loss %.4f per trained token (%d tokens)", eval_loss, eval_tokens)
     after = generate(trainer.model, tokenizer, [p for _, p in pairs], spec.eval.max_new_tokens)
     samples_md = samples_markdown(pairs, before, after)
@@ -234,7 +280,10 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
         "method": spec.method.kind,
         "steps": trainer.state.global_step,
         "train_loss": losses[-1] if losses else None,
-        "train_loss_mean": round(float(train_out.training_loss), 6),
+        # NaN only when nothing was trained here (resumed at the final step); the guard
+        # stopped any run whose losses were not finite
+        "train_loss_mean": round(float(train_out.training_loss), 6)
+        if math.isfinite(train_out.training_loss) else None,
         # per trained token; before = the base model on the same rows, same code
         "eval_loss_before": next((m["eval_loss_before"] for m in metrics
                                   if "eval_loss_before" in m), None),
@@ -253,6 +302,8 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
         "adapter_uri": storage.join(out_uri, "adapter") if adapter_out else None,
         "timings_s": timings.phases,
     }
+    require_finite(summary, "summary")  # a NaN is a failure, never a published result
+    lease.check()
     metrics_dir = stage / "metrics"
     (metrics_dir / "samples.md").write_text(samples_md)
     report.loss_plot(metrics, metrics_dir / "loss.png")
@@ -282,6 +333,7 @@ def _eval_before(trainer: Any, rows: list[dict[str, Any]], metrics_path: Path, s
     _check_stop(stop, "the evaluation of the base model")
     if loss is None:
         return
+    require_finite({"eval_loss_before": loss}, "evaluation of the base model")
     log.info("eval loss before training %.4f per trained token (%d tokens)", loss, tokens)
     if _is_main():
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -356,7 +408,7 @@ def _save_model(spec: JobSpec, tokenizer: Any, model_dir: Path, bundle: Any, sav
         log.info("merge check skipped: the base model is too large to load twice on CPU")
         return out, saved, None
     log.info("merge check: max |logit diff| merged vs base+adapter = %.2e", diff)
-    if diff > 1e-3:
+    if not diff <= 1e-3:  # NaN fails too
         raise ModelError(f"merge check failed: merged logits differ from base+adapter by "
                          f"{diff:.3g}; the adapter was not merged correctly")
     return out, saved, diff

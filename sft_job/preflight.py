@@ -13,7 +13,6 @@ access problem, 75 when the rest are transient storage failures).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_job import storage
+from sft_job.checks import missing_packages, overlap_problems, probe_trainer
 from sft_job.errors import (
     EXIT_ACCESS,
     EXIT_RETRY,
@@ -95,26 +95,12 @@ def probe_output(uri: str) -> str:
     if scheme == "hf":
         raise SpecError(f"output.uri: {uri}: the Hub is not an output location; use "
                         "output.push_to_hub: org/name and a bucket or path for output.uri")
-    created = _missing_dirs(Path(key)) if scheme == "file" else []
+    if scheme == "file":  # no folders created for a check: a temporary one, removed
+        return storage.probe(uri, write=True)
     probe = storage.join(uri, f".sft-job-probe-{uuid.uuid4().hex[:8]}")
-    try:
-        storage.write_text(probe, "probe")
-        storage.delete_prefix(probe)
-    finally:
-        for d in created:  # deepest first: leave no empty folders behind a check
-            with contextlib.suppress(OSError):
-                d.rmdir()
+    storage.write_text(probe, "probe")
+    storage.delete_prefix(probe)
     return credential_source(uri)
-
-
-def _missing_dirs(path: Path) -> list[Path]:
-    """The folders of `path` (itself included) that do not exist yet, deepest first."""
-    out = []
-    for p in (path, *path.parents):
-        if p.exists():
-            break
-        out.append(p)
-    return out
 
 
 def credential_source(uri: str) -> str:
@@ -149,6 +135,9 @@ def fast_checks(spec: JobSpec, workdir: Path | None = None, probe_out: bool = Tr
     Downloads go under `workdir` (a temporary folder, removed, when None)."""
     rep = Report()
     storage.configure(spec.output.s3_endpoint_url)
+    for where, module, install in missing_packages(spec):  # this machine runs the job
+        rep.problem(where, f"needs the Python package '{module}', which is not installed "
+                    f"({install})")
     work = workdir or Path(tempfile.mkdtemp(prefix="sft-job-check-"))
     try:
         _cheap_pass(spec, rep, work, probe_out)
@@ -163,9 +152,18 @@ def fast_checks(spec: JobSpec, workdir: Path | None = None, probe_out: bool = Tr
 def preflight(spec: JobSpec, samples: int = 2, json_out: Path | None = None) -> Report:
     """Run every check; print a report; raise PreflightFailed when the job would fail. The
     full pass (tokenizer, tokens, samples, memory) runs only when the cheap pass found nothing."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # (set again on its import)
+    for lib in ("transformers", "bitsandbytes", "trl", "peft", "accelerate"):
+        logging.getLogger(lib).setLevel(logging.ERROR)  # their notes are not the report
     rep = Report()
     storage.configure(spec.output.s3_endpoint_url)
     rep.facts["spec_hash"] = spec.run_hash()
+    for where, module, install in missing_packages(spec):  # the job may run elsewhere
+        rep.warnings.append(f"{where}: needs the Python package '{module}', not installed here: "
+                            f"the machine that runs the job must have it ({install})")
     work = Path(tempfile.mkdtemp(prefix="sft-job-validate-"))
     try:
         _cheap_pass(spec, rep, work, probe_out=True)
@@ -198,23 +196,18 @@ def _cheap_pass(spec: JobSpec, rep: Report, work: Path, probe_out: bool) -> None
 
 
 def _check_spec(spec: JobSpec, rep: Report) -> None:
+    for problem in overlap_problems(spec):
+        rep.problem("output.uri", problem)
     if spec.data.packing and spec.model.trust_remote_code:
         rep.problem("data.packing", "custom model code (trust_remote_code) may not honour "
                     "per-sample position ids, so packed samples could attend to each other; "
                     "set data.packing: false")
-    if spec.trainer:
-        import dataclasses
-
-        from trl import SFTConfig
-
-        names = {f.name for f in dataclasses.fields(SFTConfig)}
-        for k in sorted(set(spec.trainer) - names):
-            rep.problem(f"trainer.{k}", "not an SFTConfig field")
-    if spec.method.kind == "qlora":
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            rep.problem("method.kind", "qlora needs bitsandbytes (pip install sft-job[qlora])")
+    if spec.trainer.fields_set():
+        try:
+            probe_trainer(spec)
+        except SftJobError as e:  # its message starts with the trainer field
+            where, _, what = str(e).partition(": ")
+            rep.problem(where, what)
     if spec.deepspeed.endswith(".json"):
         from sft_job.train.deepspeed import config
 
@@ -504,23 +497,27 @@ def _render(row: dict[str, list[int]], tok: Any, stops: set[int]) -> dict[str, A
 
 
 def _estimate_memory(spec: JobSpec, rep: Report) -> None:
+    from sft_job.errors import ModelError
     from sft_job.memory import estimate
+    from sft_job.models.load import loading
 
     try:
-        est = estimate(spec)
+        with loading("model.base", f"the config of {spec.model.base}"):
+            est = estimate(spec)
+    except ModelError as e:  # the config itself is unusable: so would the run be
+        rep.error("model.base", e)
+        return
     except SftJobError as e:
         rep.warnings.append(f"memory estimate skipped: {e}")
-        return
-    except OSError as e:
-        rep.warnings.append(f"memory estimate skipped: config not reachable ({str(e)[:120]})")
         return
     if est is None:
         return
     rep.facts["memory"] = est
     acc = spec.resources.accelerator
     if acc and est.get("device_gb") and est["total_gb"] > est["device_gb"] * 0.92:
-        rep.warnings.append(
-            f"memory: about {est['total_gb']:.1f} GB per device needed, {acc} has "
+        rep.problem(  # the job would fail: validate must not say OK
+            "resources.accelerator",
+            f"about {est['total_gb']:.1f} GB per device needed, {acc} has "
             f"{est['device_gb']} GB: it will not fit; try method.kind: lora/qlora, "
             "method.gradient_checkpointing: true, a smaller train.batch_size or ZeRO-3")
 

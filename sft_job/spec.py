@@ -1,7 +1,8 @@
 """The job spec: a pydantic model of one fine-tuning job, the only place defaults live.
 
-Load with `load_spec(path_or_uri, overrides)`: YAML -> `${ENV}` interpolation -> `--set a.b=v`
-overrides -> validation. Every problem is reported at once, each with its dotted field path.
+Load with `load_spec(path_or_uri, overrides)`: YAML (bounded, specyaml.py) -> `${ENV}`
+interpolation -> `--set a.b=v` overrides -> no credential values -> validation. Every problem is
+reported at once, each with its dotted field path. Every float is finite, every number bounded.
 """
 
 from __future__ import annotations
@@ -9,35 +10,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from sft_job import credentials
 from sft_job.errors import SpecError
+from sft_job.specbase import SEED, Location, Strict, endpoint_problem, hub_repo_problem
+from sft_job.specyaml import MAX_SPEC_BYTES, interpolate_env, load_yaml
+from sft_job.train.passthrough import TrainerSpec, trainer_refusal
+
+__all__ = ["JobSpec", "Strict", "TrainerSpec", "apply_override", "dump_spec",
+           "interpolate_env", "load_spec", "parse_spec"]
 
 DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3-offload")
 BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-gpt2", "builtin:smollm2-135m")
 
 
-class Strict(BaseModel):
-    """Base for every section: unknown keys are errors, values are immutable after load."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class ModelSpec(Strict):
-    base: str = Field(
-        min_length=1,
+    base: Location = Field(
         description="Base model: a Hub id (org/name or hf://org/name), a local directory, an "
         "s3:// or gs:// prefix holding a saved model, a .gguf file (path, bucket URI or "
         "hf://org/name/file.gguf; dequantized once), or builtin:smollm2-135m (a real pretrained "
         "model from a package) / builtin:tiny-llama / builtin:tiny-gpt2 (tiny random models)."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    tokenizer: str | None = Field(None, description="Tokenizer location if not the base's.")
+    tokenizer: Location | None = Field(None, description="Tokenizer location if not the base's.")
     chat_template: str | None = Field(
         None,
         description="Override the tokenizer's chat template: 'chatml' or a Jinja template. "
@@ -52,12 +52,11 @@ class ModelSpec(Strict):
 
 
 class DataSpec(Strict):
-    train: str = Field(
-        min_length=1,
+    train: Location = Field(
         description="Training data: a file (.jsonl, .json, .csv, .parquet), a datasets "
         "save_to_disk directory, or a bucket prefix of shards; hf://datasets/org/name too."
     )
-    eval: str | None = Field(None, description="Separate eval data (same kinds as train).")
+    eval: Location | None = Field(None, description="Separate eval data (same kinds as train).")
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=0.5, description="Fraction of train held out for eval when no eval file."
     )
@@ -85,7 +84,8 @@ class DataSpec(Strict):
     )
     text_field: str = Field("text", description="text format: the field holding the text.")
     messages_field: str = Field("messages", description="chat format: the messages field.")
-    max_length: int = Field(512, gt=0, description="Tokens per sample (and per packed row).")
+    max_length: int = Field(512, gt=0, le=1 << 20,
+                            description="Tokens per sample (and per packed row).")
     packing: bool = Field(
         True, description="Pack samples into rows; samples never attend to each other."
     )
@@ -96,26 +96,27 @@ class DataSpec(Strict):
         "fail", description="Malformed rows fail the job (default) or are skipped and counted."
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many rows.")
-    seed: int = Field(42, description="Seed of the train/eval split and of shuffling.")
+    seed: int = Field(42, **SEED, description="Seed of the train/eval split and of shuffling.")
 
 
 class MethodSpec(Strict):
     kind: Literal["full", "lora", "qlora"] = Field("lora", description="Fine-tuning method.")
-    r: int = Field(16, gt=0, description="LoRA rank.")
-    alpha: int = Field(32, gt=0, description="LoRA alpha (scale = alpha / r).")
+    r: int = Field(16, gt=0, le=4096, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, le=1 << 16, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
-    target_modules: Literal["all-linear"] | list[str] = Field(
+    target_modules: Literal["all-linear"] | Annotated[
+            list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]+$")]], Field(min_length=1)] = Field(
         "all-linear", description="Modules to adapt: 'all-linear' or a list of module names."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
 
 
 class TrainSpec(Strict):
-    epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many steps.")
-    learning_rate: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
-    batch_size: int = Field(8, gt=0, description="Rows per device per forward pass.")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    epochs: float = Field(3.0, gt=0, le=10_000, description="Passes over the training data.")
+    max_steps: int | None = Field(None, gt=0, le=10**9, description="Stop after this many steps.")
+    learning_rate: float = Field(2.0e-4, gt=0, le=10.0, description="Peak learning rate.")
+    batch_size: int = Field(8, gt=0, le=1 << 16, description="Rows per device per forward pass.")
+    grad_accum: int = Field(1, gt=0, le=1 << 16, description="Micro-batches per optimizer step.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule."
     )
@@ -124,22 +125,23 @@ class TrainSpec(Strict):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (off: end).")
-    seed: int = Field(42, description="Seed of model init, dropout and data order.")
+    seed: int = Field(42, **SEED, description="Seed of model init, dropout and data order.")
 
 
 class EvalSpec(Strict):
-    prompts: list[str] | None = Field(
+    prompts: Annotated[list[str], Field(max_length=1000)] | None = Field(
         None,
         description="Fixed prompts generated before and after training into samples.md "
         "(default: the first rows of the eval data, else of train).",
     )
     num_samples: int = Field(3, ge=0, description="Prompts taken from data when none given.")
-    max_new_tokens: int = Field(48, gt=0, description="Tokens generated per sample.")
+    max_new_tokens: int = Field(48, gt=0, le=32_768, description="Tokens generated per sample.")
 
 
 class OutputSpec(Strict):
-    uri: str = Field(min_length=1,
-                     description="Where every artifact goes: a path, file://, s3:// or gs://.")
+    uri: Location = Field(
+        description="Where every artifact goes: a path, file://, s3:// or gs://. The run owns "
+        "it while it runs (a lease object `_LEASE` in it); it may not overlap any input.")
     merge: bool = Field(True, description="Merge LoRA/QLoRA adapters into the base model.")
     push_to_hub: str | None = Field(
         None, description="Hub repo (org/name) to push to; token from HF_TOKEN."
@@ -164,6 +166,20 @@ class OutputSpec(Strict):
     s3_endpoint_url: str | None = Field(
         None, description="Custom S3 endpoint (S3-compatible stores); else AWS_ENDPOINT_URL_S3."
     )
+    lease_timeout_seconds: int = Field(
+        120, ge=10, le=86_400,
+        description="A run's lease on output.uri (heartbeat every quarter of this) counts as "
+        "abandoned after this long without a heartbeat; a rerun of the same job waits for it, "
+        "another job is refused at once while it is fresh.",
+    )
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, url: str | None) -> str | None:
+        problem = url is not None and endpoint_problem(url)
+        if problem:
+            raise ValueError(problem)
+        return url
 
 
 ACCELERATOR_MEMORY_GB = {
@@ -201,9 +217,11 @@ class JobSpec(Strict):
     )
     output: OutputSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    trainer: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Passthrough of extra trl.SFTConfig fields, checked against SFTConfig.",
+    trainer: TrainerSpec = Field(
+        default_factory=lambda: TrainerSpec(),
+        description="Pass-through of the trl.SFTConfig fields the spec does not own and that are "
+        "safe (optimizer details, compilation, DDP tuning); any other SFTConfig field is refused, "
+        "naming the spec field that sets it.",
     )
 
     @model_validator(mode="after")
@@ -244,44 +262,13 @@ def combination_problems(spec: JobSpec) -> list[str]:
         out.append("output.hub_push: 'merged' needs output.merge: true (or hub_push: adapter)")
     if spec.data.eval and spec.data.eval_fraction:
         out.append("data.eval_fraction: give either data.eval or data.eval_fraction, not both")
-    if spec.output.push_to_hub and not re.fullmatch(r"[\w.-]+/[\w.-]+", spec.output.push_to_hub):
-        out.append(f"output.push_to_hub: '{spec.output.push_to_hub}' is not 'org/name'")
+    problem = spec.output.push_to_hub and hub_repo_problem(spec.output.push_to_hub)
+    if problem:
+        out.append(f"output.push_to_hub: {problem}")
     return out
 
 
 # ---------------------------------------------------------------- loading
-
-_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def interpolate_env(value: Any, source: str, path: str = "") -> Any:
-    """Replace `${VAR}` and `${VAR:-default}` inside the string values of a parsed spec (not in
-    its text: a value with '#' stays whole and a comment never needs a variable). An unset
-    variable without default is an error naming the field."""
-    if isinstance(value, dict):
-        return {k: interpolate_env(v, source, f"{path}.{k}" if path else str(k))
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate_env(v, source, f"{path}[{i}]") for i, v in enumerate(value)]
-    if not isinstance(value, str) or "${" not in value:
-        return value
-    missing: list[str] = []
-
-    def sub(m: re.Match[str]) -> str:
-        val = os.environ.get(m.group(1))
-        if val is None:
-            if m.group(2) is not None:
-                return m.group(2)
-            missing.append(m.group(1))
-            return ""
-        return val
-
-    out = _ENV_RE.sub(sub, value)
-    if missing:
-        raise SpecError(f"{source}: {path}: environment variable(s) "
-                        f"{', '.join(sorted(set(missing)))} not set "
-                        "(use ${VAR:-default} for optional ones)")
-    return out
 
 
 def apply_override(doc: dict[str, Any], assignment: str) -> None:
@@ -307,62 +294,26 @@ def apply_override(doc: dict[str, Any], assignment: str) -> None:
 
 def parse_spec(text: str, source: str, overrides: list[str] | None = None) -> JobSpec:
     """Parse YAML text into a validated JobSpec, or raise SpecError listing every problem."""
-    # ${VAR} is held as a plain placeholder while parsing (so it may stand anywhere a scalar can,
-    # flow style included) and substituted into the parsed values afterwards (so a value with
-    # '#' stays whole, and a ${VAR} in a comment is never needed)
-    held: dict[str, str] = {}
-
-    def hold(m: re.Match[str]) -> str:
-        key = f"__sft_job_env_{len(held)}__"
-        held[key] = m.group(0)
-        return key
-
-    try:
-        doc = _restore(yaml.load(_ENV_RE.sub(hold, text), Loader=_UniqueKeyLoader), held)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
-        if ctx and ctx_mark and mark and ctx_mark.line != mark.line:
-            problem += f" ({ctx} at line {ctx_mark.line + 1})"
-        raise SpecError(f"{where}: invalid YAML: {problem}") from None
+    doc = load_yaml(text, source)
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise SpecError(f"{source}: a job spec is a YAML mapping, got {type(doc).__name__}")
-    doc = interpolate_env(doc, source)
+    # top-level x-* keys hold YAML anchors for `<<: *name` merges (as in Compose files)
+    doc = interpolate_env({k: v for k, v in doc.items()
+                           if not (isinstance(k, str) and k.startswith("x-"))}, source)
     for o in overrides or []:
         apply_override(doc, o)
+    leaked = credentials.find_in(doc)
+    if leaked:
+        raise SpecError(f"{source}: " + "; ".join(
+            f"{where}: holds the value of the credential variable {name}; credentials never go "
+            "in a spec (it is written to job.yaml and the model card): the job reads them from "
+            "the environment itself" for where, name in leaked))
     try:
         return JobSpec.model_validate(doc)
     except ValidationError as e:
         raise SpecError(f"{source}: " + format_validation_error(e)) from None
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _restore(value: Any, held: dict[str, str]) -> Any:
-    if isinstance(value, dict):
-        return {k: _restore(v, held) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_restore(v, held) for v in value]
-    if isinstance(value, str) and "__sft_job_env_" in value:
-        for key, original in held.items():
-            value = value.replace(key, original)
-    return value
 
 
 def format_validation_error(e: ValidationError) -> str:
@@ -371,7 +322,9 @@ def format_validation_error(e: ValidationError) -> str:
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and err["loc"][:1] == ("trainer",):
+            msg = trainer_refusal(str(err["loc"][-1]))
+        elif err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `sft-job schema` lists the fields)"
         elif err["type"] == "missing":
             msg = "required field missing"
@@ -385,11 +338,21 @@ def load_spec(source: str, overrides: list[str] | None = None) -> JobSpec:
     if "://" in source and not source.startswith("file://"):
         from sft_job import storage
 
-        text = storage.read_text(source)
+        info = storage.stat(source)
+        if info is not None and info.size > MAX_SPEC_BYTES:
+            raise SpecError(f"{source}: the spec is {info.size:,} bytes; a job spec is at most "
+                            f"{MAX_SPEC_BYTES:,}")
+        try:
+            text = storage.read_text(source)
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{source}: not UTF-8 text (byte {e.start})") from None
     else:
         path = Path(source.removeprefix("file://"))
         if not path.is_file():
             raise SpecError(f"{source}: spec file not found")
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{source}: the spec is {path.stat().st_size:,} bytes; a job spec is "
+                            f"at most {MAX_SPEC_BYTES:,}")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -429,8 +392,25 @@ def markdown_reference() -> str:
 
 
 def _type_name(ann: Any) -> str:
-    return str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "").replace(
-        "|", "or")
+    return str(_plain(ann)).replace("typing.", "").replace("<class '", "").replace(
+        "'>", "").replace("|", "or")
+
+
+def _plain(ann: Any) -> Any:
+    """`ann` without its Annotated[...] constraints (shown as the bare type)."""
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Annotated:
+        return _plain(args[0])
+    if origin in (typing.Union, __import__("types").UnionType):
+        import functools
+        import operator
+
+        return functools.reduce(operator.or_, [_plain(a) for a in args])
+    if origin is list:
+        return list[_plain(args[0])]  # type: ignore[misc]
+    return ann
 
 
 def _default(f: Any) -> str:

@@ -145,27 +145,31 @@ def generate_cli(model_uri: str, prompts: list[str], max_new_tokens: int,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sft_job.data.formats import prompt_for
-    from sft_job.models.load import resolve_model_dir
+    from sft_job.models.load import loading, resolve_model_dir
     from sft_job.pipeline import setup_logging
 
     setup_logging()
     model_dir = resolve_model_dir(model_uri)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    with loading("model", f"the tokenizer of {model_uri}"):
+        tok = AutoTokenizer.from_pretrained(model_dir)
     if adapter:
         from sft_job.data.load import fetch
 
         adapter_dir = fetch(adapter, Path(tempfile.mkdtemp(prefix="sft-job-")))
         if (adapter_dir / "tokenizer_config.json").is_file():  # the run's tokenizer
-            tok = AutoTokenizer.from_pretrained(adapter_dir)
+            with loading("--adapter", f"the tokenizer of {adapter}"):
+                tok = AutoTokenizer.from_pretrained(adapter_dir)
     fmt, data_spec, how = ("text", None, "as given (--raw)") if raw else \
         training_format(adapter or model_uri, tok)
     typer.echo(f"prompts formatted {how}", err=True)
     texts = [p if data_spec is None else prompt_for(p, fmt, data_spec, tok) for p in prompts]
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with loading("model", model_uri):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with loading("--adapter", f"{adapter} onto {model_uri} (is it for this model?)"):
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
     for p, out in zip(prompts, generate(model, tok, texts, max_new_tokens), strict=True):
         typer.echo(f"### {p}\n{out}\n")
     sys.stdout.flush()

@@ -177,17 +177,24 @@ def merge_cli(base: str, adapter: str, out: str) -> None:
 
     from sft_job import storage
     from sft_job.data.load import fetch
-    from sft_job.models.load import resolve_model_dir
-    from sft_job.storage.base import is_remote
+    from sft_job.errors import SpecError
+    from sft_job.models.load import loading, resolve_model_dir
+    from sft_job.storage.base import is_remote, overlap
 
+    for a, b in ((out, base), (out, adapter)):
+        if overlap(a, b):
+            raise SpecError(f"OUT {out} and {b} overlap: the merged model would be written over "
+                            "its inputs; choose another OUT")
+    storage.probe(out, write=True)  # a folder that cannot be written fails before the work
     work = Path(tempfile.mkdtemp(prefix="sft-job-merge-"))
     base_dir = resolve_model_dir(base)
     adapter_dir = fetch(adapter, work)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelError(f"{adapter}: no adapter_config.json; is it a PEFT adapter folder?")
-    tok = AutoTokenizer.from_pretrained(str(base_dir))
     local_out = work / "merged" if is_remote(out) else Path(out)
-    merge_adapter(base_dir, adapter_dir, local_out, tok)
+    with loading("merge", f"{adapter} into {base} (is the adapter for this base model?)"):
+        tok = AutoTokenizer.from_pretrained(str(base_dir))
+        merge_adapter(base_dir, adapter_dir, local_out, tok)
     if is_remote(out):
         storage.put_dir(local_out, out, commit=True)
     typer.echo(f"merged model written to {out}")

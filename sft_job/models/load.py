@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sft_job.errors import AccessError, ModelError, SpecError, TransientError
+from sft_job.errors import (
+    AccessError,
+    ModelError,
+    SftJobError,
+    SpecError,
+    TransientError,
+    UnsupportedError,
+)
 from sft_job.models import source
 from sft_job.spec import MethodSpec, ModelSpec
 
@@ -141,6 +150,35 @@ def check_model_dir(path: Path, base: str) -> None:
     if not has_weights:
         raise ModelError(f"model.base: {base} has no weights (*.safetensors or pytorch_model.bin); "
                          "was the upload incomplete?")
+    from sft_job.models.files import check_config, check_weights
+
+    check_config(path, base)
+    check_weights(path, base)
+
+
+@contextlib.contextmanager
+def loading(what: str, src: Any) -> Iterator[None]:
+    """Loading a model, tokenizer or adapter from a user's files: whatever the libraries raise
+    about the files (corrupt, wrong kind, mismatched shapes, a refused pickle, a package the
+    model's code needs) becomes one ModelError line (exit 2) naming them."""
+    try:
+        yield
+    except (SftJobError, MemoryError, KeyboardInterrupt):
+        raise
+    except ImportError as e:
+        raise UnsupportedError(f"{what}: loading {src} needs a package that is not installed "
+                               f"({_first_line(e)})") from None
+    except Exception as e:  # tokenizers raises a plain Exception for a bad file
+        if "ignore_mismatched_sizes" in str(e):
+            raise ModelError(f"{what}: cannot load {src}: the shapes of its weights do not match "
+                             "config.json (the mismatches are listed above)") from None
+        raise ModelError(f"{what}: cannot load {src}: {type(e).__name__}: {_first_line(e)}") \
+            from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0][:240].strip() if lines else "no details"
 
 
 def load_tokenizer(spec: ModelSpec, model_dir: Path, need_chat_template: bool) -> Any:
@@ -154,11 +192,8 @@ def load_tokenizer(spec: ModelSpec, model_dir: Path, need_chat_template: bool) -
         from sft_job.storage.cache import fetch_model
 
         src = str(fetch_model(spec.tokenizer))
-    try:
+    with loading("model.tokenizer", f"a tokenizer from {src}"):
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model.tokenizer: cannot load a tokenizer from {src}: "
-                         f"{str(e).splitlines()[0]}") from None
     if not getattr(tok, "is_fast", False):
         raise ModelError(f"model.tokenizer: {src} has no fast tokenizer (tokenizer.json); "
                          "sft-job needs character offsets to mask prompts")
@@ -194,10 +229,14 @@ def load_model(spec: ModelSpec, method: MethodSpec, model_dir: Path, dtype: Any,
         )
     if device_map is not None:
         kwargs["device_map"] = device_map
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model.base: cannot load {spec.base}: {str(e).splitlines()[0]}") from None
+    with loading("model.base", spec.base):
+        model, info = AutoModelForCausalLM.from_pretrained(str(model_dir), output_loading_info=True,
+                                                           **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would train them from random values, silently
+        raise ModelError(f"model.base: {spec.base}: {len(missing)} weight(s) of "
+                         f"{type(model).__name__} are not in its files (e.g. {missing[0]}); the "
+                         "weights do not match config.json (another architecture?)")
     model.config.use_cache = False
     if method.kind == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -213,6 +252,7 @@ def lora_config(method: MethodSpec, model: Any) -> Any:
         return None
     from peft import LoraConfig
 
+    check_targets(method, model)
     fan_in_fan_out = getattr(model.config, "model_type", "") in ("gpt2",)  # Conv1D weights
     return LoraConfig(
         r=method.r,
@@ -223,3 +263,40 @@ def lora_config(method: MethodSpec, model: Any) -> Any:
         task_type="CAUSAL_LM",
         fan_in_fan_out=fan_in_fan_out,
     )
+
+
+def check_targets(method: MethodSpec, model: Any) -> None:
+    """Each name in method.target_modules matches a layer LoRA can adapt (PEFT's suffix rule),
+    else SpecError naming the layers there are: found before anything is written, not as a
+    traceback from PEFT."""
+    if method.target_modules == "all-linear":
+        return
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
+             torch.nn.Conv3d, torch.nn.MultiheadAttention, Conv1D)
+    modules = dict(model.named_modules())
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
+                     if isinstance(m, (torch.nn.Linear, Conv1D)) and n})
+    hint = f"its adaptable layers are named {', '.join(linear[:12])} (or use all-linear)"
+    for t in method.target_modules:
+        hits = [m for n, m in modules.items() if n == t or n.endswith("." + t)]
+        if not hits:
+            raise SpecError(f"method.target_modules: '{t}' matches no layer of "
+                            f"{type(model).__name__}; {hint}")
+        bad = next((m for m in hits if not isinstance(m, kinds)), None)
+        if bad is not None:
+            raise SpecError(f"method.target_modules: '{t}' is a {type(bad).__name__}, which LoRA "
+                            f"cannot adapt; {hint}")
+
+
+def check_vocab(spec: ModelSpec, tokenizer: Any, model: Any) -> None:
+    """Every token id the tokenizer can produce has an embedding row (a bigger tokenizer, e.g.
+    model.tokenizer from another model, fails here instead of as an index error in training)."""
+    emb = model.get_input_embeddings()
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ModelError(f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens but "
+                         f"{spec.base}'s embedding has {rows} rows; use the model's own "
+                         "tokenizer (or one of the same vocabulary)")

@@ -27,6 +27,28 @@ def cache_root() -> Path:
     return Path(os.environ.get("SFT_JOB_CACHE", Path.home() / ".cache" / "sft-job"))
 
 
+def work_root() -> Path:
+    """Local scratch of the jobs: `$SFT_JOB_WORKDIR`, else <temp dir>/sft-job."""
+    import tempfile
+
+    return Path(os.environ.get("SFT_JOB_WORKDIR") or Path(tempfile.gettempdir()) / "sft-job")
+
+
+def job_workdir(name: str, run_hash: str, output_uri: str) -> Path:
+    """The work folder of one job on one output: <work_root>/<name>-<spec hash>-<output hash>
+    (two outputs never share one)."""
+    from sft_job.storage.base import location_key
+
+    out = hashlib.sha256(repr(location_key(output_uri)).encode()).hexdigest()[:8]
+    return work_root() / f"{name}-{run_hash[:8]}-{out}"
+
+
+def hub_cache_root() -> Path:
+    """The Hugging Face Hub cache (HF_HUB_CACHE, else HF_HOME/hub), without importing the Hub."""
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    return Path(os.environ.get("HF_HUB_CACHE") or home / "hub").expanduser()
+
+
 def fetch_model(uri: str) -> Path:
     """A local folder holding the model stored under `uri` (s3://, gs://, hf://, or a local
     folder, returned as is), downloaded only if this exact content is not cached yet."""

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sft_job.errors import AccessError, SftJobError, TransientError
+from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
 from sft_job.storage.base import COMMIT_MARKER, ObjectInfo, key_join, local_files, manifest, safe_dest
 from sft_job.storage.checksum import ChecksumError, crc32c_b64
 from sft_job.storage.progress import Progress, ProgressReader
@@ -278,6 +278,9 @@ def map_error(err: BaseException, uri: str, bucket: str) -> SftJobError | None:
     if isinstance(err, (gx.Forbidden, gx.Unauthorized)):
         return AccessError(f"{uri}: access denied ({err.code}); grant the job's service account "
                            f"roles/storage.objectAdmin (or objectViewer to read) on '{bucket}'")
+    if isinstance(err, gx.BadRequest):
+        return SpecError(f"{uri}: GCS rejects this name or request ({err.code}: "
+                         f"{str(err.message)[:160]}); fix the bucket name or object name")
     if isinstance(err, DataCorruption):
         return ChecksumError(f"{uri}: downloaded bytes fail their checksum")
     status = getattr(getattr(err, "response", None), "status_code", 0) or getattr(err, "code", 0)

@@ -2,18 +2,57 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
-from sft_job.errors import AccessError
+from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
 from sft_job.storage.base import COMMIT_MARKER, ObjectInfo, local_files, manifest
+
+F = TypeVar("F", bound=Callable[..., Any])
+_TRANSIENT = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ESTALE}
+_BAD_NAME = {errno.ENAMETOOLONG, errno.EINVAL, errno.ELOOP}
+
+
+def os_error(err: OSError, path: str) -> SftJobError:
+    """The user-facing error for a filesystem failure on `path`: a full or failing disk is
+    transient (75), a name the filesystem refuses is a bad spec (2), the rest (read-only, not
+    permitted, a parent that is a file, a system folder) is access (3)."""
+    why = err.strerror or type(err).__name__
+    where = err.filename if isinstance(err.filename, str) else path
+    if err.errno in _TRANSIENT:
+        return TransientError(f"{path}: {why} ({where}); free space or rerun the job later")
+    if err.errno in _BAD_NAME:
+        return SpecError(f"{path}: {why} ({where}); use a shorter or plainer path")
+    return AccessError(f"{path}: cannot write or read here: {why} ({where})")
+
+
+def _fs_errors(fn: F) -> F:
+    """Turn OSError (and a NUL in a path) inside a LocalStore method into os_error's answer."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        key = next((a for a in args if isinstance(a, str)), "")
+        try:
+            return fn(self, *args, **kwargs)
+        except OSError as e:
+            raise os_error(e, key) from None
+        except ValueError as e:  # "embedded null byte"
+            raise SpecError(f"{key!r}: not a usable path ({e})") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 class LocalStore:
     """Keys are absolute paths. Writes go to a temp name then rename, so readers never
     see a half-written file."""
 
+    @_fs_errors
     def get_file(self, key: str, dest: Path) -> Path:
         src = Path(key)
         if not src.is_file():
@@ -23,6 +62,7 @@ class LocalStore:
             shutil.copyfile(src, dest)
         return dest
 
+    @_fs_errors
     def get_prefix(self, prefix: str, dest: Path) -> Path:
         src = Path(prefix)
         if not src.is_dir():
@@ -31,6 +71,7 @@ class LocalStore:
             shutil.copytree(src, dest, dirs_exist_ok=True)
         return dest
 
+    @_fs_errors
     def put_file(self, src: Path, key: str) -> None:
         dest = Path(key)
         if dest.is_dir():
@@ -40,6 +81,7 @@ class LocalStore:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
 
+    @_fs_errors
     def put_dir(self, src: Path, prefix: str, commit: bool = True) -> None:
         root = Path(prefix)
         if root.exists() and not root.is_dir():
@@ -53,15 +95,18 @@ class LocalStore:
         if commit:
             self.write_bytes(str(root / COMMIT_MARKER), manifest(files))
 
+    @_fs_errors
     def list(self, prefix: str) -> list[str]:
         root = Path(prefix)
         if not root.is_dir():
             return []
         return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
+    @_fs_errors
     def exists(self, key: str) -> bool:
         return Path(key).is_file()
 
+    @_fs_errors
     def delete_prefix(self, prefix: str) -> None:
         root = Path(prefix)
         if root.is_file():
@@ -70,12 +115,14 @@ class LocalStore:
         (root / COMMIT_MARKER).unlink(missing_ok=True)
         shutil.rmtree(root, ignore_errors=True)
 
+    @_fs_errors
     def read_bytes(self, key: str) -> bytes:
         p = Path(key)
         if not p.is_file():
             raise AccessError(f"{key}: no such file")
         return p.read_bytes()
 
+    @_fs_errors
     def write_bytes(self, key: str, data: bytes) -> None:
         dest = Path(key)
         if dest.is_dir():
@@ -85,6 +132,7 @@ class LocalStore:
         tmp.write_bytes(data)
         os.replace(tmp, dest)
 
+    @_fs_errors
     def stat(self, key: str) -> ObjectInfo | None:
         p = Path(key)
         if not p.is_file():
@@ -92,6 +140,7 @@ class LocalStore:
         st = p.stat()
         return ObjectInfo(st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
 
+    @_fs_errors
     def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
         root = Path(prefix)
         out = {}
@@ -101,14 +150,19 @@ class LocalStore:
                 out[rel] = info
         return out
 
+    @_fs_errors
     def probe(self, key: str, write: bool) -> str:
         p = Path(key)
-        if write:
-            parent = next((q for q in (p, *p.parents) if q.exists()), None)
-            if parent is None or not os.access(parent, os.W_OK):
-                raise AccessError(f"{key}: not writable by uid {os.getuid()}")
-        elif not p.exists():
-            raise AccessError(f"{key}: no such file or directory")
+        if not write:
+            if not p.exists():
+                raise AccessError(f"{key}: no such file or directory")
+            return "local"
+        # make (and remove) a temporary folder in the nearest existing ancestor: what a run
+        # would do first, without leaving anything behind
+        parent = next(q for q in (p, *p.parents) if q.exists())
+        if not parent.is_dir():
+            raise AccessError(f"{key}: {parent} is a file, not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".sft-job-probe-", dir=parent))
         return "local"
 
     def credential_source(self) -> str:

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sft_job.errors import AccessError, SftJobError, TransientError
+from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
 from sft_job.storage.base import (
     COMMIT_MARKER,
     SETTINGS,
@@ -364,7 +364,12 @@ def map_error(err: BaseException, uri: str, bucket: str) -> SftJobError | None:
         if code in _TRANSIENT or status >= 500 or status == 429:
             return TransientError(f"{uri}: S3 still failing after {max_attempts()} attempts "
                                   f"({code or status}); rerun the job later")
+        if status == 400 and code not in ("AuthorizationHeaderMalformed", "InvalidRequest"):
+            return SpecError(f"{uri}: S3 rejects this name or request ({code or status}); fix "
+                             "the bucket name or key")
         return AccessError(f"{uri}: S3 refused the request ({code or status})")
+    if isinstance(err, bx.ParamValidationError):
+        return SpecError(f"{uri}: rejected by the S3 client: {str(err).splitlines()[-1].strip()}")
     if isinstance(err, (bx.HTTPClientError, bx.ConnectionError, bx.IncompleteReadError,
                         RetriesExceededError, ConnectionError, TimeoutError)):
         return TransientError(f"{uri}: cannot reach S3 after {max_attempts()} attempts "
@@ -386,6 +391,14 @@ def _cached_client(endpoint_url: str | None, _env: tuple[str | None, ...]) -> tu
 
     custom = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
         "AWS_ENDPOINT_URL")
+    if custom:
+        from sft_job.specbase import endpoint_problem
+
+        problem = endpoint_problem(custom)
+        if problem:
+            where = ("output.s3_endpoint_url" if endpoint_url else "AWS_ENDPOINT_URL_S3" if
+                     os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL")
+            raise SpecError(f"{where}: {problem}")
     config = Config(
         retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
                  "max_attempts": max_attempts()},
@@ -396,4 +409,7 @@ def _cached_client(endpoint_url: str | None, _env: tuple[str | None, ...]) -> tu
         s3={"addressing_style": "path"} if custom else None,
     )
     session = boto3.session.Session()
-    return session, session.client("s3", endpoint_url=endpoint_url, config=config)
+    try:
+        return session, session.client("s3", endpoint_url=endpoint_url, config=config)
+    except ValueError as e:  # botocore's own checks of the endpoint and region
+        raise SpecError(f"S3 client settings (endpoint, AWS_REGION): {e}") from None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -15,7 +15,9 @@ from sft_job.data import DataBundle
 from sft_job.data.tokenize import make_collator
 from sft_job.errors import SpecError
 from sft_job.spec import JobSpec
+from sft_job.train import guard
 from sft_job.train.backends import Backend, flattens
+from sft_job.train.passthrough import check_settings
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +92,14 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path) -> Any:
         args.update(deepspeed.prepare_cpu(backend.name))
     if backend.name == "cpu" and ds is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         args["ddp_backend"] = "gloo"  # use_cpu + gloo: real DDP, not N copies of the job
-    fields = {f.name for f in dataclasses.fields(SFTConfig)}
-    unknown = sorted(set(spec.trainer) - fields)
-    if unknown:
-        raise SpecError(f"trainer: unknown SFTConfig field(s) {', '.join(unknown)} "
-                        "(see trl.SFTConfig for the names)")
-    args.update(spec.trainer)
+    args["logging_nan_inf_filter"] = False  # a NaN loss must show: the guard stops on it
+    args.update(spec.trainer.fields_set())
     try:
-        return SFTConfig(**args)
+        config = SFTConfig(**args)
     except (ValueError, TypeError) as e:
         raise SpecError(f"trainer: SFTConfig rejected the settings: {str(e).splitlines()[0]}") from None
+    check_settings(config)
+    return config
 
 
 def build_trainer(spec: JobSpec, backend: Backend, model: Any, tokenizer: Any,
@@ -124,8 +124,8 @@ def build_trainer(spec: JobSpec, backend: Backend, model: Any, tokenizer: Any,
         processing_class=tokenizer,
         data_collator=collator,
         peft_config=lora_config(spec.method, model),
-        callbacks=callbacks,
-    )
+        callbacks=[*callbacks, guard.callback()],  # after the metrics logger: the record
+    )                                              # of a NaN step is written (as null) first
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our metrics callback logs one readable line
@@ -161,7 +161,7 @@ def metrics_callback(path: Path, collator_ref: list[Any]) -> Any:
             rec["elapsed_s"] = round(now - self.t0, 2)
             rec.update(peak_memory())
             with path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(rec, allow_nan=False) + "\n")
             if "loss" in logs:
                 log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %s tok/s",
                          state.global_step, state.max_steps, logs["loss"],
@@ -231,7 +231,10 @@ def peak_memory() -> dict[str, float]:
 
 
 def _num(v: Any) -> Any:
+    """A logged value as a JSON number; NaN/inf become null (metrics.jsonl stays JSON; the
+    guard stops training on them)."""
     try:
-        return round(float(v), 6)
+        x = float(v)
     except (TypeError, ValueError):
         return v
+    return round(x, 6) if math.isfinite(x) else None

@@ -198,7 +198,7 @@ CASES: list[Case] = [
          {**CUDA, "deepspeed": "{d}/ds.json"}),
     Case("deepspeed-json-invalid", 2, ("deepspeed: {d}/ds.json:1: invalid JSON",),
          {**CUDA, "deepspeed": "{d}/ds.json"}, raw("ds.json", "{bad")),
-    Case("trainer-unknown-field", 2, ("trainer.learning_rte: not an SFTConfig field",),
+    Case("trainer-unknown-field", 2, ("trainer.learning_rte: not a pass-through field",),
          {"trainer": {"learning_rte": 1}}),
     Case("builtin-unknown", 2, ("model.base", "unknown builtin model 'builtin:tiny-mistral'"),
          {"model": {"base": "builtin:tiny-mistral"}}),

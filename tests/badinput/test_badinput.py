@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.badinput.cases import BASE, CASES, GOOD, Case, Ctx
+from tests.badinput.cases import BASE, GOOD, Case, Ctx
+from tests.badinput.hostile import ALL_CASES as CASES
 from tests.conftest import cli_env
 from tests.servers import GCSServer, S3Server, gcs_server, hub_server, s3_server
 
@@ -169,7 +170,7 @@ def run_case(case: Case, root: Path, s3: S3Server, tiny: Path, cache: Path,
         if v is None:
             env.pop(k, None)
         else:
-            env[k] = v
+            env[k] = fill(v, d, case.id)
     before = snapshot(d, client, case.id)
     args = [case.cmd, fill(case.spec_path, d, case.id), *fill(case.args, d, case.id)]
     t0 = time.monotonic()

@@ -1,0 +1,55 @@
+"""Building blocks of the spec (spec.py): the strict section base, locations, id and URL rules."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from sft_job.storage.base import uri_problem
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, values are immutable after load, and
+    no float is NaN or infinite (`.inf` passes `gt=0`; a NaN learning rate trains a NaN model)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _location(value: str) -> str:
+    problem = uri_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# A path or URI the job reads or writes: no control characters, a known scheme, a valid bucket.
+Location = Annotated[str, Field(min_length=1), AfterValidator(_location)]
+SEED = {"ge": 0, "le": 2**32 - 1}  # numpy's seed range
+HUB_REPO = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+
+
+def hub_repo_problem(repo_id: str) -> str | None:
+    """Why `repo_id` is not a Hub repo id 'org/name', or None."""
+    parts = repo_id.split("/")
+    if (len(parts) != 2 or not all(HUB_REPO.fullmatch(p) for p in parts) or ".." in repo_id
+            or "--" in repo_id or len(repo_id) > 96):
+        return (f"'{repo_id}' is not a Hub repo id 'org/name' (letters, digits, '-', '_', '.'; "
+                "no '..' or '--'; at most 96 characters)")
+    return None
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why `url` cannot be an S3 endpoint (http(s)://host[:port][/path]), or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        return f"'{url}' is not a URL ({e})"
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(
+            ord(c) < 33 for c in url) or parts.query or parts.fragment or port == 0:
+        return f"'{url}' is not an endpoint URL like https://host[:port]"
+    return None
