@@ -25,6 +25,7 @@ from sft_job import storage
 from sft_job.checkpoint import preempt
 from sft_job.checkpoint import sync as ckpt
 from sft_job.errors import ModelError, Preempted
+from sft_job.progress import Reporter
 from sft_job.spec import JobSpec, dump_spec
 
 log = logging.getLogger("sft_job")
@@ -83,8 +84,9 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
     during training they become a committed checkpoint, during finish they are noted and the
     finish goes on (a second signal exits at once)."""
     setup_logging()
-    with preempt.watch() as stop:
-        return _run(spec, allow_changed, stop)
+    # the reporter records how the run ended (progress.json) and closes the trackers
+    with preempt.watch() as stop, Reporter(spec) as reporter:
+        return _run(spec, allow_changed, stop, reporter)
 
 
 def _check_stop(stop: Any, phase: str) -> None:
@@ -93,7 +95,7 @@ def _check_stop(stop: Any, phase: str) -> None:
                         "nothing to checkpoint; rerun to start again")
 
 
-def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
+def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> dict[str, Any]:
     timings = Timings()
     storage.configure(spec.output.s3_endpoint_url)
     out_uri = spec.output.uri
@@ -153,6 +155,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     if _is_main():  # after the resume check: a refused rerun leaves the bucket's job.yaml alone
         (stage / "job.yaml").write_text(dump_spec(spec))
         storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
+        reporter.start(stage, resume[1] if resume else None)  # progress.json, trackers
     _check_stop(stop, "model loading")
     uploader = ckpt.Uploader(storage.join(out_uri, "checkpoints"), spec.output.keep_checkpoints) \
         if _is_main() else None
@@ -160,7 +163,10 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     callbacks = [metrics_callback(metrics_path, collator_ref),
                  ckpt.callback(spec, uploader, stop, run_state, metrics_path,
                                work / "ckpt-staging")]
+    if _is_main():
+        callbacks.append(reporter.callback(collator_ref))
     trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer", callbacks)
+    reporter.attach(trainer)
     collator_ref.append(trainer.sft_job_collator)
     trainer.add_callback(evaluation_callback(trainer, bundle.eval, spec.train.eval_steps, stop))
     _log_plan(spec, trainer, bundle)
@@ -175,6 +181,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     if uploader is not None:
         uploader.wait()  # periodic checkpoints still in flight finish before the final upload
         uploader.close()
+    reporter.finishing()
     timings.mark("train")
     bundle.stats["ranks"] = _gather_rank_facts(trainer.sft_job_collator)
 

@@ -215,6 +215,10 @@ def _check_spec(spec: JobSpec, rep: Report) -> None:
 
         if importlib.util.find_spec("bitsandbytes") is None:
             rep.problem("method.kind", "qlora needs bitsandbytes (pip install sft-job[qlora])")
+    from sft_job.train.trackers import missing
+
+    for msg in missing(spec.train.report_to):
+        rep.problem("train.report_to", msg)
     if spec.deepspeed.endswith(".json"):
         from sft_job.train.deepspeed import config
 
