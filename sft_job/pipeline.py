@@ -202,6 +202,9 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     if bundle.eval:  # every rank: evaluation and generation are collective under ZeRO-3
         eval_loss, eval_tokens = evaluate_loss(trainer, bundle.eval)
         log.info("eval loss %.4f per trained token (%d tokens)", eval_loss, eval_tokens)
+        # through the trainer's callbacks, like the periodic ones: metrics.jsonl, progress,
+        # trackers (train.report_to) get the final eval loss at the last step
+        trainer.log({"eval_loss": eval_loss, "eval_tokens": eval_tokens})
     after = generate(trainer.model, tokenizer, [p for _, p in pairs], spec.eval.max_new_tokens)
     samples_md = samples_markdown(pairs, before, after)
     timings.mark("evaluate")
