@@ -30,7 +30,7 @@ import pytest
 
 from tests.conftest import REPO, cli_env, run_cli
 from tests.e2e.preempt_helpers import PREEMPTED, RESUMED, env_threads, job, read
-from tests.servers import S3Server, s3_server
+from tests.servers import S3Server, s3_server, use_env
 
 BUCKET = "tracker-tests"
 MAX_STEPS = 8
@@ -109,17 +109,23 @@ def _steps(rows: list[dict[str, Any]], key: str) -> list[int]:
     return [r["train/global_step"] for r in rows if key in r]
 
 
-def test_trackers_continue_across_a_preemption(s3: S3Server, sft_cache: Path,
-                                               tmp_path: Path) -> None:
+def test_trackers_continue_across_a_preemption(s3: S3Server, sft_cache: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from sft_job.status import read_status
+
+    use_env(monkeypatch, s3.env)  # read_status in this process, while the job runs
     uri = f"s3://{BUCKET}/run"
     env = {**s3.env, **env_threads(), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
            "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(),
            "MLFLOW_ALLOW_FILE_STORE": "true", "SFT_JOB_WORKDIR": str(tmp_path / "work1")}
     with job(_args("run"), sft_cache, env) as j:
         j.wait_step(3)
+        running = read_status(uri)
         j.send(signal.SIGTERM)
         assert j.wait(300) == 75, j.tail()
     stopped = int(PREEMPTED.search(j.stderr).group(2))
+    assert running["phase"] == "training" and running["max_steps"] == MAX_STEPS, running
+    assert running["step"] >= 2 and running["eta"] is not None  # written at the step-2 save
     st = _status(uri, sft_cache, s3.env)
     assert st["phase"] == "preempted" and st["exit_code"] == 75, st
     assert st["checkpoint"]["step"] == stopped and st["step"] == stopped
