@@ -3,8 +3,9 @@
     {"phase": "training", "step": 120, "max_steps": 1000, "train_loss": 1.23, ...}
 
 Rank 0 writes it once the checks have passed (with job.yaml), at most every
-`output.progress_every_seconds` while training, at every checkpoint save and phase change, and
-when the job stops (phase preempted or failed, with the exit code). TensorBoard event files go
+`output.progress_every_seconds` while training (and that often as a heartbeat while starting
+or finishing, which have no step events), at every checkpoint save and phase change, and when
+the job stops (phase preempted or failed, with the exit code). TensorBoard event files go
 to output.uri/metrics/tensorboard/ at every checkpoint save too. One background thread does
 the writes, so training never waits on the bucket; a write that fails is logged and the next
 one replaces it (the file is advisory: checkpoints and _SUCCESS stay the source of truth).
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
 TENSORBOARD_DIR = "metrics/tensorboard"  # under output.uri, and under the local stage
+HEARTBEAT = ("starting", "finishing")  # phases without step events: rewritten on a timer
 
 
 def utc(t: float | None = None) -> str:
@@ -126,12 +128,12 @@ class Reporter:
         TensorBoard files are to go up too), else only if the last one is old enough."""
         if self._thread is None:
             return
-        self.state.update(fields)
+        with self._cond:
+            self.state.update(fields)
         now = time.monotonic()
         if not (force or tensorboard) and now - self._last_write < self.spec.output.progress_every_seconds:
             return
         self._last_write = now
-        self.state["updated_at"] = utc()
         snap = None
         if tensorboard and self._snaps is not None and self._tb_local is not None \
                 and self._tb_local.is_dir():
@@ -142,6 +144,7 @@ class Reporter:
             old_snap = self._pending[1]
             if snap is not None and old_snap is not None:  # queued, not started: superseded
                 shutil.rmtree(old_snap, ignore_errors=True)
+            self.state["updated_at"] = utc()
             self._pending = (dict(self.state), snap or old_snap)
             self._cond.notify_all()
 
@@ -172,7 +175,12 @@ class Reporter:
         while True:
             with self._cond:
                 while self._pending == (None, None):
-                    self._cond.wait()
+                    idle = not self._cond.wait(timeout=self.spec.output.progress_every_seconds)
+                    if idle and self.state.get("phase") in HEARTBEAT:
+                        # no step events while starting or finishing (a long merge or upload):
+                        # a heartbeat, so status does not call a live job stalled
+                        self.state["updated_at"] = utc()
+                        self._pending = (dict(self.state), None)
                 doc, snap = self._pending
                 self._pending, self._busy = (None, None), True
             try:
