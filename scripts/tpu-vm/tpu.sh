@@ -30,6 +30,7 @@ HF_TOKEN_SECRET=${HF_TOKEN_SECRET:-}
 WATCH=${WATCH:-0}
 MAX_RECOVERIES=${MAX_RECOVERIES:-10}
 MAX_HOURS=${MAX_HOURS:-168}
+DONE_GRACE_SECONDS=${DONE_GRACE_SECONDS:-600}
 STAGE=${STAGE:-out/tpu-vm/$TPU_NAME}   # local copy of what goes to the workers
 REMOTE_DIR=/tmp/sft-job                 # on every worker: job.yaml
 REMOTE_WORK=/var/lib/sft-job/work       # on every worker: the container's /work
@@ -144,6 +145,10 @@ start_job() {
 submit() {
   # Check the spec before anything that costs money; its stop budget sets docker's grace.
   load_job
+  if [[ -z $DRY_RUN && $(job_phase) == done* ]]; then
+    echo "# $OUTPUT_URI has _SUCCESS: the job is done already, nothing to submit"
+    return 0
+  fi
   echo "# sft-job on TPU VMs: queued resource $TPU_NAME ($TPU_ACCELERATOR, $TPU_RUNTIME," \
     "spot=$TPU_SPOT) in $PROJECT/$ZONE"
   echo "# spec $JOB (valid), image $IMAGE, stop timeout ${GRACE} s, output $OUTPUT_URI"
@@ -274,6 +279,8 @@ check_containers() {
     restart "no container on $missing worker(s)"
   elif ((running == 0)); then
     finish 0 "the job is done (exit 0; output: $(job_phase))"
+  elif [[ $PHASE == done* ]]; then
+    say "_SUCCESS is in $OUTPUT_URI; waiting for the job to exit on $running worker(s)"
   else
     say "running on $running worker(s); output: $PHASE"
   fi
@@ -296,11 +303,21 @@ watch_loop() {
   while :; do
     ((SECONDS < deadline)) || out_of_time
     PHASE=$(job_phase)
-    [[ $PHASE == done* ]] && finish 0 "the job is done: _SUCCESS in $OUTPUT_URI"
+    if [[ $PHASE == done* ]]; then
+      # _SUCCESS is written last, but the job still closes its trackers (a W&B upload, say):
+      # give the containers DONE_GRACE_SECONDS to exit 0 before the slice goes
+      DONE_SINCE=${DONE_SINCE:-$SECONDS}
+      ((SECONDS - DONE_SINCE < DONE_GRACE_SECONDS)) \
+        || finish 0 "the job is done: _SUCCESS in $OUTPUT_URI (containers still up after ${DONE_GRACE_SECONDS} s)"
+    fi
     state=$(describe 2>/dev/null) || state=NOT_FOUND
+    node=""
+    [[ $state != ACTIVE ]] || node=$(node_state 2>/dev/null) || node=NOT_FOUND
+    if [[ $PHASE == done* && $node != READY ]]; then  # done: a lost slice is not recreated
+      finish 0 "the job is done: _SUCCESS in $OUTPUT_URI (queued resource $state, VM ${node:-gone})"
+    fi
     case $state in
       ACTIVE)
-        node=$(node_state 2>/dev/null) || node=NOT_FOUND
         case $node in
           READY)
             if ((STARTED)); then check_containers; else

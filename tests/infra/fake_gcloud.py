@@ -7,7 +7,8 @@ create` brings the next one to life, `delete` removes it. A slice has sequences 
 each call takes the next one, and the last one repeats:
   qr          `queued-resources describe` states (WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED...)
   node        `tpu-vm describe` states (READY, PREEMPTED...)
-  containers  what each status ssh finds on every worker: "running", "exited 75", "missing"
+  containers  what each status ssh finds on every worker: "running", "exited 75", "missing";
+              "running +success": running, and the job has just written _SUCCESS
 With no live slice, both describes fail as gcloud does (NOT_FOUND, exit 1). A container seen
 "exited 0" writes _SUCCESS into the scenario's "output" folder, as the job would have.
 """
@@ -43,9 +44,9 @@ def main(argv: list[str]) -> int:
     elif verb == "tpu-vm ssh" and any("sft-job-status" in a for a in argv):
         state = _next(live, "containers")
         for w in range(sc.get("workers", 1)):
-            status, _, exit_code = state.partition(" ")
+            status, _, exit_code = state.removesuffix(" +success").partition(" ")
             print(f"sft-job-status t1v-worker-{w} {status} {exit_code or '-'}")
-        if state == "exited 0" and sc.get("output"):
+        if state in ("exited 0", "running +success") and sc.get("output"):
             Path(sc["output"]).mkdir(parents=True, exist_ok=True)
             Path(sc["output"], "_SUCCESS").write_text("")
     path.write_text(json.dumps(sc))

@@ -181,3 +181,27 @@ def test_watch_off_submits_once(tmp_path: Path, args: tuple[str, ...]) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert [_label(c) for c in calls] == ["qr describe", "qr create", "qr describe", *START]
     assert "make tpu-watch" in r.stdout
+
+
+@pytest.mark.parametrize(("after", "tail"), [
+    ("exited 0", [*LOOK, "ssh status", "qr delete"]),   # the job exits: done
+    ("preempted", ["qr describe", "qr delete"]),         # lost after _SUCCESS: not recreated
+])
+def test_success_waits_for_the_job_to_exit_and_is_never_redone(tmp_path: Path, after: str,
+                                                               tail: list[str]) -> None:
+    """_SUCCESS appears while the containers still run (the job closes its trackers): the
+    watch waits for them to exit rather than deleting the slice under them, and a slice lost
+    then is not recreated."""
+    first = {"qr": ["ACTIVE"], "containers": ["running +success", "exited 0"]}
+    if after == "preempted":
+        first = {"qr": ["ACTIVE", "ACTIVE", "SUSPENDED"], "containers": ["running +success"]}
+    r, calls = _managed_run(tmp_path, [first])
+    assert _exit(r) == 0
+    assert [_label(c) for c in calls] == ["qr describe", "qr create", *LOOK, *START,
+                                          *LOOK, "ssh status", *tail]
+    assert "recovery" not in r.stdout
+    # a second submit finds _SUCCESS: nothing is created
+    (tmp_path / "bin").rename(tmp_path / "bin-old")
+    r2, calls2 = _managed_run(tmp_path, [first])
+    assert r2.returncode == 0 and "the job is done already, nothing to submit" in r2.stdout
+    assert len(calls2) == len(calls)  # the log only holds the first run's calls
