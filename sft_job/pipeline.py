@@ -153,9 +153,9 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
         ckpt.restore_metrics(resume[0], metrics_path, resume[1])
     timings.mark("resume_lookup")
     if _is_main():  # after the resume check: a refused rerun leaves the bucket's job.yaml alone
+        reporter.start(stage, resume[1] if resume else None)  # trackers, progress.json
         (stage / "job.yaml").write_text(dump_spec(spec))
         storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
-        reporter.start(stage, resume[1] if resume else None)  # progress.json, trackers
     _check_stop(stop, "model loading")
     uploader = ckpt.Uploader(storage.join(out_uri, "checkpoints"), spec.output.keep_checkpoints) \
         if _is_main() else None

@@ -86,8 +86,6 @@ class Reporter:
             "started_at": prev.get("started_at", now) if resume_step is not None else now,
             "attempt_started_at": now, "host": socket.gethostname(),
         }
-        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
-        self._thread.start()
         self._tb_local = stage / TENSORBOARD_DIR
         self._snaps = stage.parent / "tensorboard-uploads"
         shutil.rmtree(self._snaps, ignore_errors=True)
@@ -95,10 +93,14 @@ class Reporter:
             remote = storage.join(self.spec.output.uri, TENSORBOARD_DIR)
             if storage.list_keys(remote):
                 storage.get_dir(remote, self._tb_local)
+        # trackers first: one that cannot start its run (no key...) stops the job before
+        # anything is written
         self.trackers = Trackers(self.spec, self._tb_local)
         self.trackers.open(resume_step, prev.get("trackers") or {})
         if self.trackers.ids:
             self.state["trackers"] = dict(self.trackers.ids)
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+        self._thread.start()
         self.update(force=True)
 
     def __enter__(self) -> Reporter:
@@ -106,6 +108,8 @@ class Reporter:
 
     def __exit__(self, typ: Any, exc: BaseException | None, tb: Any) -> bool:
         if self._thread is None:
+            if self.trackers is not None:  # opened some, then one failed to start
+                self.trackers.close(getattr(exc, "exit_code", EXIT_BUG))
             return False
         code = 0 if exc is None else getattr(exc, "exit_code", EXIT_BUG)
         if isinstance(exc, KeyboardInterrupt):

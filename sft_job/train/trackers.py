@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from sft_job.errors import AccessError
 from sft_job.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
             "mlflow": ("mlflow", "mlflow")}
 MLFLOW_STATUS = {0: "FINISHED", 75: "KILLED"}
+ENV_HINTS = {"wandb": "WANDB_API_KEY (or WANDB_MODE=offline), WANDB_PROJECT, WANDB_ENTITY",
+             "mlflow": "MLFLOW_TRACKING_URI and the server's credentials"}
 
 
 def missing(report_to: list[str]) -> list[str]:
@@ -67,22 +70,27 @@ class Trackers:
             self._tb_writer = SummaryWriter(log_dir=str(self.logdir),
                                             purge_step=(resume_step or 0) + 1)
         if "wandb" in self.names:
-            import wandb
-
-            run_id = os.environ.get("WANDB_RUN_ID") or prev.get("wandb_run_id") or \
-                uuid.uuid4().hex[:12]
-            run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sft-job"),
-                             name=self.spec.name, id=run_id, resume="allow")
+            run = _start("wandb", lambda: self._wandb(prev))
             self.ids["wandb_run_id"] = run.id
             log.info("wandb: run %s (%s) in project %s", run.id, self.spec.name, run.project)
         if "mlflow" in self.names:
-            import mlflow
-
-            # MLFLOW_RUN_ID, when set, wins (mlflow reads and then unsets it)
-            run = mlflow.start_run(run_id=None if os.environ.get("MLFLOW_RUN_ID")
-                                   else prev.get("mlflow_run_id"), run_name=self.spec.name)
+            run = _start("mlflow", lambda: self._mlflow(prev))
             self.ids["mlflow_run_id"] = run.info.run_id
             log.info("mlflow: run %s (%s)", run.info.run_id, self.spec.name)
+
+    def _wandb(self, prev: dict[str, str]) -> Any:
+        import wandb
+
+        run_id = os.environ.get("WANDB_RUN_ID") or prev.get("wandb_run_id") or uuid.uuid4().hex[:12]
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "sft-job"),
+                          name=self.spec.name, id=run_id, resume="allow")
+
+    def _mlflow(self, prev: dict[str, str]) -> Any:
+        import mlflow
+
+        # MLFLOW_RUN_ID, when set, wins (mlflow reads and then unsets it)
+        return mlflow.start_run(run_id=None if os.environ.get("MLFLOW_RUN_ID")
+                                else prev.get("mlflow_run_id"), run_name=self.spec.name)
 
     def attach(self, trainer: Any) -> None:
         """Give transformers' TensorBoardCallback our writer and folder (it would otherwise
@@ -97,21 +105,47 @@ class Trackers:
                 self._tb_callback = cb
 
     def close(self, exit_code: int) -> None:
-        """Flush and end every run with the job's outcome (0 done, 75 preempted, else failed)."""
+        """Flush and end every run with the job's outcome (0 done, 75 preempted, else failed).
+        The job's outcome is decided (and _SUCCESS written) by then: a tracker that fails to
+        close is a warning, never a failed job."""
+        for name, end in (("tensorboard", self._close_tensorboard), ("wandb", _end_wandb),
+                          ("mlflow", _end_mlflow)):
+            if name in self.names:
+                try:
+                    end(exit_code)
+                except Exception as e:  # the trackers' own errors, of many kinds
+                    log.warning("%s: could not close the run: %s", name, str(e).splitlines()[0])
+
+    def _close_tensorboard(self, exit_code: int) -> None:
         cb = self._tb_callback
         if cb is not None and cb.tb_writer is not None:
             cb.tb_writer.close()
             cb.tb_writer = None
         elif self._tb_writer is not None:
             self._tb_writer.close()
-        if "wandb_run_id" in self.ids:
-            import wandb
 
-            if wandb.run is not None:
-                wandb.finish(exit_code=exit_code)
-        if "mlflow_run_id" in self.ids:
-            import mlflow
 
-            if mlflow.active_run() is not None:
-                mlflow.flush_async_logging()
-                mlflow.end_run(status=MLFLOW_STATUS.get(exit_code, "FAILED"))
+def _end_wandb(exit_code: int) -> None:
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
+
+
+def _end_mlflow(exit_code: int) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.flush_async_logging()
+        mlflow.end_run(status=MLFLOW_STATUS.get(exit_code, "FAILED"))
+
+
+def _start(name: str, start: Any) -> Any:
+    """Start a tracker's run; its failure (no key, unreachable server, ...) is one line and
+    exit 3: retrying with the same environment cannot fix it."""
+    try:
+        return start()
+    except Exception as e:  # the trackers' own errors, of many kinds
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AccessError(f"train.report_to: {name} could not start its run: {msg}; check "
+                          f"{ENV_HINTS[name]}") from None

@@ -225,3 +225,19 @@ def test_tensorboard_resume_hides_what_a_killed_attempt_logged_past_the_checkpoi
     got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert got == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 14.0), (5, 25.0), (6, 26.0), (7, 27.0),
                    (8, 28.0)]
+
+
+def test_tracker_that_cannot_start_is_exit_3_before_anything_is_written(sft_cache: Path,
+                                                                        tmp_path: Path) -> None:
+    """W&B online without an API key (none in the environment, an empty HOME): one line naming
+    the tracker and what to set, exit 3, and the output location left untouched."""
+    out = tmp_path / "out"
+    r = run_cli(["run", "jobs/smoke-cpu.yaml", "--set", f"output.uri={out}",
+                 "--set", "train.report_to=[tensorboard,wandb]"], sft_cache, timeout=300,
+                WANDB_MODE="online", WANDB_API_KEY="", HOME=str(tmp_path / "home"),
+                WANDB_DIR=str(tmp_path), SFT_JOB_WORKDIR=str(tmp_path / "work"))
+    assert r.returncode == 3, r.stderr[-3000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "train.report_to: wandb could not start its run" in err[0]
+    assert "WANDB_API_KEY" in err[0] and "Traceback" not in r.stderr
+    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
