@@ -1,7 +1,7 @@
 """Render a kustomize overlay with a job spec from jobs/, then apply it (or print it).
 
     python k8s/submit.py apply gpu-lora --job jobs/x.yaml --registry R --tag T --dry-run
-    python k8s/submit.py facts jobs/x.yaml          # name and grace period, for TPU VMs
+    python k8s/submit.py facts jobs/x.yaml          # name, grace period, output, for TPU VMs
     python k8s/submit.py lint-render out/k8s-lint   # every overlay, for the linters
 
 `make submit-gpu`, `make submit-tpu-gke`, `make submit-tpu` and `make k8s-lint` call this with
@@ -359,6 +359,7 @@ def cmd_facts(args: argparse.Namespace) -> int:
     print(f"SPEC_NAME={workload_name(spec.name)}")
     print(f"STOP_BUDGET_SECONDS={budget}")
     print(f"GRACE_SECONDS={grace_seconds(budget)}")
+    print(f"OUTPUT_URI={spec.output.uri}")  # where make submit-tpu's watch looks for _SUCCESS
     return 0
 
 

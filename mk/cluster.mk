@@ -3,7 +3,8 @@
 # DRY_RUN=1: it prints the exact commands and rendered manifests and touches no cloud.
 #   make submit-gpu JOB=jobs/x.yaml [GPU_OVERLAY=gpu-full-deepspeed|multinode NODES=4]
 #   make submit-tpu-gke JOB=jobs/x.yaml [TPU_GKE_OVERLAY=tpu-v5e-multihost]
-#   make submit-tpu JOB=jobs/x.yaml [TPU_ACCELERATOR=v5litepod-16]; make tpu-logs; make tpu-delete
+#   make submit-tpu JOB=jobs/x.yaml [TPU_ACCELERATOR=v5litepod-16] [WATCH=0]; make tpu-watch;
+#   make tpu-logs; make tpu-delete
 
 # Settings: KEY=value lines of cluster.local.env (yours or Terraform's, not committed), then of
 # cluster.env (defaults), each read as KEY ?= value: the command line, the environment and
@@ -41,6 +42,7 @@ TPU_ENV = DRY_RUN='$(_dry)' PYTHON='$(K8S_PY)' PROJECT='$(PROJECT)' ZONE='$(ZONE
 	TPU_NAME='$(TPU_NAME)' TPU_ACCELERATOR='$(TPU_ACCELERATOR)' TPU_RUNTIME='$(TPU_RUNTIME)' \
 	TPU_SPOT='$(TPU_SPOT)' TPU_WORKER='$(TPU_WORKER)' GCP_SA='$(GCP_SA)' \
 	HF_TOKEN_SECRET='$(HF_TOKEN_SECRET)' JOB='$(or $(JOB),k8s/overlays/tpu-v5e-single/spec.yaml)' \
+	WATCH='$(WATCH)' MAX_RECOVERIES='$(MAX_RECOVERIES)' MAX_HOURS='$(MAX_HOURS)' \
 	IMAGE='$(REGISTRY)/sft-job-tpu$(if $(DIGEST),@$(DIGEST),:$(TAG))'
 
 submit-gpu: ## Render k8s/overlays/GPU_OVERLAY with JOB and kubectl apply it (DRY_RUN=1)
@@ -53,9 +55,13 @@ submit-tpu-gke: ## Render k8s/overlays/TPU_GKE_OVERLAY (TPU v5e on GKE) with JOB
 	$(if $(filter tpu-%,$(TPU_GKE_OVERLAY)),,$(error TPU_GKE_OVERLAY=$(TPU_GKE_OVERLAY): use tpu-v5e-single or tpu-v5e-multihost))
 	@$(K8S_PY) k8s/submit.py apply $(TPU_GKE_OVERLAY) $(K8S_ARGS)
 
-submit-tpu: ## Create a TPU v5e queued resource, wait, run the TPU image with JOB on all workers
+submit-tpu: ## Create a TPU v5e queued resource, run the TPU image with JOB on all workers, and (WATCH=1) recover it from preemption until done
 	$(_venv)
 	@$(TPU_ENV) bash scripts/tpu-vm/tpu.sh submit
+
+tpu-watch: ## Watch a submitted TPU VM run (JOB) and recover it from preemption until done
+	$(_venv)
+	@$(TPU_ENV) bash scripts/tpu-vm/tpu.sh watch
 
 tpu-logs: ## Follow the job's logs on TPU VM worker TPU_WORKER (0; or all)
 	@$(TPU_ENV) bash scripts/tpu-vm/tpu.sh logs
@@ -76,4 +82,4 @@ k8s-lint: | tools ## yamllint, kubernetes-validate --strict, checkov, trivy on k
 		--ignorefile k8s/.trivyignore $(K8S_LINT_DIR)
 	@echo "k8s-lint: ok ($(K8S_LINT_DIR))"
 
-.PHONY: submit-gpu submit-tpu-gke submit-tpu tpu-logs tpu-delete k8s-lint
+.PHONY: submit-gpu submit-tpu-gke submit-tpu tpu-watch tpu-logs tpu-delete k8s-lint

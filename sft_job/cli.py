@@ -126,6 +126,24 @@ def generate(
 
 
 @app.command()
+def status(
+    uri: Annotated[str, typer.Argument(help="The run's output.uri: a path, s3://, gs:// ...")],
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object (per refresh).")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until done or failed.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes (--watch).")] = 30.0,
+    stale_minutes: Annotated[
+        float, typer.Option(help="No progress for this long while running: phase 'stalled'.")
+    ] = 30.0,
+) -> None:
+    """Where a run is: phase, step, last committed checkpoint, losses, speed, ETA. Exit 2 when
+    there is no run at URI, 3 when it cannot be read."""
+    from sft_job.status import status_cli
+
+    status_cli(uri, as_json=json_out, watch=watch, interval=max(interval, 0.1),
+               stale_minutes=stale_minutes)
+
+
+@app.command()
 def schema(
     markdown: Annotated[bool, typer.Option("--markdown", help="A Markdown field reference.")] = False,
 ) -> None:

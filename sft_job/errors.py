@@ -48,6 +48,12 @@ class UnsupportedError(SftJobError):
     exit_code = EXIT_SPEC
 
 
+class NoRunError(SftJobError):
+    """`sft-job status`: nothing of a run at the location given."""
+
+    exit_code = EXIT_SPEC
+
+
 class AccessError(SftJobError):
     """Storage or Hub access failed for good: no credentials, denied, missing bucket/object."""
 

@@ -26,6 +26,7 @@ from sft_job.checkpoint import lease, preempt
 from sft_job.checkpoint import sync as ckpt
 from sft_job.checkpoint.uploader import Uploader
 from sft_job.errors import ModelError, Preempted, SftJobError, TrainingDiverged
+from sft_job.progress import Reporter
 from sft_job.spec import JobSpec, dump_spec
 from sft_job.train.guard import require_finite
 
@@ -82,8 +83,10 @@ def run_job(spec: JobSpec, allow_changed: bool = False) -> dict[str, Any]:
     during training they become a committed checkpoint, during finish they are noted and the
     finish goes on (a second signal exits at once)."""
     setup_logging()
-    with preempt.watch() as stop, lease.scope():  # the output's lease ends with the run
-        return _run(spec, allow_changed, stop)
+    # the lease on the output ends with the run; the reporter records how the run ended
+    # (progress.json) and closes the trackers
+    with preempt.watch() as stop, lease.scope(), Reporter(spec) as reporter:
+        return _run(spec, allow_changed, stop, reporter)
 
 
 def _already_done(spec: JobSpec, allow_changed: bool) -> bool:
@@ -129,7 +132,7 @@ def _check_stop(stop: Any, phase: str) -> None:
                         "nothing to checkpoint; rerun to start again")
 
 
-def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
+def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> dict[str, Any]:
     timings = Timings()
     storage.configure(spec.output.s3_endpoint_url)
     out_uri = spec.output.uri
@@ -199,8 +202,10 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     sync = ckpt.callback(spec, uploader, stop, run_state, metrics_path, work / "ckpt-staging",
                          topo, resume.step if resume else None,
                          spec.train.eval_steps if bundle.eval else None)
-    trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer",
-                            [metrics_callback(metrics_path, collator_ref)])
+    callbacks = [metrics_callback(metrics_path, collator_ref)]
+    if _is_main():
+        callbacks.append(reporter.callback(collator_ref))
+    trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer", callbacks)
     collator_ref.append(trainer.sft_job_collator)
     trainer.add_callback(evaluation_callback(trainer, bundle.eval, spec.train.eval_steps, stop,
                                              resume.step if resume and resume.eval_pending else None))
@@ -208,8 +213,10 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     trainer.add_callback(sync)
     if _is_main():  # the last check passed (trainer settings, LoRA targets): now output.uri
         lease.check()  # is written to, never before
+        reporter.start(stage, resume.step if resume else None)  # trackers, progress.json
         (stage / "job.yaml").write_text(dump_spec(spec))
         storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
+    reporter.attach(trainer)  # the trackers' writers, opened by start (rank 0)
     _log_plan(spec, trainer, bundle)
     if not resume and bundle.eval:  # the base model's loss, for before -> after
         _eval_before(trainer, bundle.eval, metrics_path, stop)
@@ -227,6 +234,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any) -> dict[str, Any]:
     ckpt.raise_if_failing(uploader)
     if uploader is not None:
         uploader.close()
+    reporter.finishing()
     timings.mark("train")
     bundle.stats["ranks"] = _gather_rank_facts(trainer.sft_job_collator)
 
@@ -248,6 +256,9 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
         eval_loss, eval_tokens = evaluate_loss(trainer, bundle.eval)
         require_finite({"eval_loss": eval_loss}, "evaluation of the trained model")
         log.info("eval loss %.4f per trained token (%d tokens)", eval_loss, eval_tokens)
+        # through the trainer's callbacks, like the periodic ones: metrics.jsonl, progress,
+        # trackers (train.report_to) get the final eval loss at the last step
+        trainer.log({"eval_loss": eval_loss, "eval_tokens": eval_tokens})
     after = generate(trainer.model, tokenizer, [p for _, p in pairs], spec.eval.max_new_tokens)
     samples_md = samples_markdown(pairs, before, after)
     timings.mark("evaluate")

@@ -208,6 +208,10 @@ def _check_spec(spec: JobSpec, rep: Report) -> None:
         except SftJobError as e:  # its message starts with the trainer field
             where, _, what = str(e).partition(": ")
             rep.problem(where, what)
+    from sft_job.train.trackers import missing
+
+    for msg in missing(spec.train.report_to):
+        rep.problem("train.report_to", msg)
     if spec.deepspeed.endswith(".json"):
         from sft_job.train.deepspeed import config
 

@@ -27,6 +27,9 @@ __all__ = ["JobSpec", "Strict", "TrainerSpec", "apply_override", "dump_spec",
 
 DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3-offload")
 BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-gpt2", "builtin:smollm2-135m")
+# Fields that change where metrics go, never the trained model: left out of the run hash and
+# of the resume check, so adding a tracker to a preempted run's spec still resumes it.
+RUN_NEUTRAL: dict[str, Any] = {"train": {"report_to"}}
 
 
 class ModelSpec(Strict):
@@ -126,6 +129,14 @@ class TrainSpec(Strict):
     logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (off: end).")
     seed: int = Field(42, **SEED, description="Seed of model init, dropout and data order.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers (default none). tensorboard: event files under "
+        "output.uri/metrics/tensorboard/; wandb and mlflow: their usual environment variables "
+        "(WANDB_API_KEY, WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI...). The run name is the "
+        "spec name; a resumed run continues the same curves. Each needs its extra: "
+        "pip install 'sft-job[tensorboard]' (or wandb, mlflow).",
+    )
 
 
 class EvalSpec(Strict):
@@ -171,6 +182,11 @@ class OutputSpec(Strict):
         description="A run's lease on output.uri (heartbeat every quarter of this) counts as "
         "abandoned after this long without a heartbeat; a rerun of the same job waits for it, "
         "another job is refused at once while it is fresh.",
+    )
+    progress_every_seconds: float = Field(
+        60.0, gt=0, allow_inf_nan=False,
+        description="Write output.uri/progress.json (read by `sft-job status`) at most this often "
+        "while training, and at every checkpoint and phase change.",
     )
 
     @field_validator("s3_endpoint_url")
@@ -232,8 +248,8 @@ class JobSpec(Strict):
         return self
 
     def run_hash(self) -> str:
-        """Hash of the fields that change the trained model (not where outputs go)."""
-        d = self.model_dump(mode="json")
+        """Hash of the fields that change the trained model (not where outputs or metrics go)."""
+        d = self.model_dump(mode="json", exclude=RUN_NEUTRAL)
         d["output"] = {k: d["output"][k] for k in ("merge",)}
         d.pop("eval", None)
         d.pop("resources", None)
@@ -260,6 +276,9 @@ def combination_problems(spec: JobSpec) -> list[str]:
     if spec.output.push_to_hub and spec.output.hub_push == "merged" and not spec.output.merge \
             and spec.method.kind != "full":
         out.append("output.hub_push: 'merged' needs output.merge: true (or hub_push: adapter)")
+    dup = sorted({t for t in spec.train.report_to if spec.train.report_to.count(t) > 1})
+    if dup:
+        out.append(f"train.report_to: {', '.join(dup)} listed more than once")
     if spec.data.eval and spec.data.eval_fraction:
         out.append("data.eval_fraction: give either data.eval or data.eval_fraction, not both")
     problem = spec.output.push_to_hub and hub_repo_problem(spec.output.push_to_hub)

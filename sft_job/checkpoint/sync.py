@@ -372,7 +372,9 @@ def restore_metrics(resume_dir: Path, metrics_path: Path, step: int) -> None:
 
 def run_state(spec: JobSpec, data_files: list[Path]) -> dict[str, Any]:
     """What a checkpoint records about the run that made it."""
-    d = spec.model_dump(mode="json")
+    from sft_job.spec import RUN_NEUTRAL
+
+    d = spec.model_dump(mode="json", exclude=RUN_NEUTRAL)
     for k in ("output", "eval", "resources"):
         d.pop(k, None)
     return {"spec_hash": spec.run_hash(), "data_hash": data_hash(data_files), "spec": d}

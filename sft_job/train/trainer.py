@@ -15,7 +15,7 @@ from sft_job.data import DataBundle
 from sft_job.data.tokenize import make_collator
 from sft_job.errors import SpecError
 from sft_job.spec import JobSpec
-from sft_job.train import guard
+from sft_job.train import guard, trackers
 from sft_job.train.backends import Backend, flattens
 from sft_job.train.passthrough import check_settings
 
@@ -73,7 +73,7 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path) -> Any:
         "save_total_limit": 2,  # local copies only; the bucket keeps output.keep_checkpoints
         "seed": t.seed,
         "data_seed": t.seed,
-        "report_to": "none",
+        **trackers.trainer_args(spec),  # report_to (train.report_to, else none), run_name
         "gradient_checkpointing": spec.method.gradient_checkpointing,
         "max_length": spec.data.max_length,
         "packing": False,  # packed upstream (sft_job.data), so the collator can stay per-backend

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import REPO, cli_env, run_cli
 
 SMOKE_FILES = {
-    "_SUCCESS", "job.yaml",
+    "_SUCCESS", "job.yaml", "progress.json",
     "adapter/COMMITTED", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
     "adapter/tokenizer.json", "adapter/tokenizer_config.json", "adapter/chat_template.jinja",
     "adapter/README.md",

@@ -575,7 +575,7 @@ def test_submit_tpu_dry_run(tmp_path: Path, spec_file: Path) -> None:
     assert c[5] == "sft-job-v5e" and set(where) <= set(c)
     assert {"--node-id=sft-job-v5e", "--accelerator-type=v5litepod-16",
             "--runtime-version=v2-alpha-tpuv5-lite", "--spot"} <= set(c)
-    waits = [a for a in argv if a[4] == "describe"]
+    waits = [a for a in argv if a[3:5] == ["queued-resources", "describe"]]
     assert waits and all("--format=value(state.state)" in a for a in waits)
     assert "poll every 30 s" in r.stdout
     (scp,) = [a for a in argv if a[3:5] == ["tpu-vm", "scp"]]
@@ -681,7 +681,7 @@ exit 0
 """)
     fake.chmod(0o755)
     env_ = {"GCLOUD": str(fake), "TPU_POLL_SECONDS": "0"}
-    r = _submit_tpu(tmp_path, f"JOB={spec_file}", env_extra=env_)
+    r = _submit_tpu(tmp_path, f"JOB={spec_file}", "WATCH=0", env_extra=env_)
     verbs = [" ".join(line.split()[2:4]) for line in log.read_text().splitlines()]
     assert verbs[:2] == ["queued-resources describe", "queued-resources create"]
     assert verbs[2:5] == ["queued-resources describe"] * 3
@@ -689,12 +689,12 @@ exit 0
     assert "WAITING_FOR_RESOURCES" in r.stdout and "is ACTIVE" in r.stdout
     # Submitting again reuses the ACTIVE slice instead of creating another.
     log.write_text("")
-    _submit_tpu(tmp_path, f"JOB={spec_file}", env_extra=env_)
+    _submit_tpu(tmp_path, f"JOB={spec_file}", "WATCH=0", env_extra=env_)
     assert "create" not in log.read_text()
     # A slice that fails stops the wait with an error.
     state.write_text("FAILED\n")
     log.write_text("")
-    r = _submit_tpu(tmp_path, f"JOB={spec_file}", env_extra=env_, check=False)
+    r = _submit_tpu(tmp_path, f"JOB={spec_file}", "WATCH=0", env_extra=env_, check=False)
     assert r.returncode != 0 and "FAILED" in r.stderr and "scp" not in log.read_text()
 
 
