@@ -125,6 +125,11 @@ class TrainSpec(Strict):
     logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (off: end).")
     seed: int = Field(42, description="Seed of model init, dropout and data order.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Compute precision. auto: bf16 on Ampere+ GPUs and TPU, fp16 on older "
+        "GPUs; on CPU bf16 autocast (fp32 weights) where the CPU has native bf16 (AVX512_BF16 or "
+        "AMX), fp32 elsewhere. The choice is logged in the plan line and summary.json."
+    )
 
 
 class EvalSpec(Strict):
