@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 CHUNK_BYTES = 64 * 2**20  # fp32 logits of one chunk of tokens
 HEAD_KWARG = "sft_job_head"  # model(..., sft_job_head=True) -> HeadOutput
 _STATS_KWARG = "sft_job_head_stats"
+PROFILE_LABEL = "sft_job.lm_head"  # the forward's range in a torch.profiler trace (bench/profile.py)
 
 
 @dataclass
@@ -109,7 +110,8 @@ def head_nll(hidden: Any, lm_head: Any, labels: Any, stats: bool = False,
     h, t = hidden[mask], labels[mask]
     weight, bias = lm_head.weight, lm_head.bias
     dtype = _compute_dtype(hidden.device.type, weight.dtype)
-    with torch.autocast(hidden.device.type, enabled=False):
+    with torch.autocast(hidden.device.type, enabled=False), \
+            torch.profiler.record_function(PROFILE_LABEL):
         nll, ent, correct = _HeadNLL.apply(h, weight, bias, t, chunk_tokens(weight.shape[0]),
                                               stats, dtype)
     return HeadOutput(nll, mask.sum(), ent, correct)
