@@ -127,8 +127,8 @@ class TrainSpec(Strict):
     seed: int = Field(42, description="Seed of model init, dropout and data order.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Compute precision. auto: bf16 on Ampere+ GPUs and TPU, fp16 on older "
-        "GPUs; on CPU bf16 autocast (fp32 weights) where the CPU has native bf16 (AVX512_BF16 or "
-        "AMX), fp32 elsewhere. The choice is logged in the plan line and summary.json."
+        "GPUs, fp32 on CPU; bf16 on CPU is autocast over fp32 weights, worth it where the CPU has "
+        "native bf16 (AVX512_BF16 or AMX). The choice is logged in the plan line and summary.json."
     )
 
 

@@ -136,14 +136,17 @@ def test_metrics_only_on_logged_steps(tiny_llama_dir: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("caps", "want", "expected"), [
-    ({"avx512_bf16": True}, "auto", ("bf16", "CPU has avx512_bf16")),
-    ({"amx_bf16": True, "avx512_bf16": True}, "auto", ("bf16", "CPU has avx512_bf16, amx_bf16")),
+    ({"avx512_bf16": True}, "auto",
+     ("fp32", "CPU has avx512_bf16; bf16 is opt-in (train.precision: bf16)")),
+    ({"amx_bf16": True, "avx512_bf16": True}, "auto",
+     ("fp32", "CPU has avx512_bf16, amx_bf16; bf16 is opt-in (train.precision: bf16)")),
     ({}, "auto", ("fp32", "no native bf16 on this CPU")),
     ({"avx512_bf16": True}, "fp32", ("fp32", "train.precision")),
     ({}, "bf16", ("bf16", "train.precision")),
 ])
 def test_cpu_precision(monkeypatch: pytest.MonkeyPatch, caps: dict, want: str,
                        expected: tuple[str, str]) -> None:
+    """bf16 autocast is opt-in on CPU until CPU_BF16_DEFAULT is on (see backends.py)."""
     import torch
 
     from sft_job.spec import JobSpec
@@ -155,6 +158,9 @@ def test_cpu_precision(monkeypatch: pytest.MonkeyPatch, caps: dict, want: str,
                                    "data": {"train": "x.jsonl"}, "output": {"uri": "out"}})
     b = backends.resolve(spec)
     assert (b.precision, b.why) == expected
+    monkeypatch.setattr(backends, "CPU_BF16_DEFAULT", True)
+    if want == "auto" and caps:
+        assert backends.resolve(spec).precision == "bf16"
     assert b.dtype == "float32" and b.sft_args["bf16"] is (expected[0] == "bf16")
 
 
