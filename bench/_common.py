@@ -316,11 +316,20 @@ def write_random_llama(out: Path, config: dict[str, Any], dtype: str, shard_mb: 
     return total
 
 
+REAL_MODELS = {"smollm2-135m": "builtin:smollm2-135m"}  # real weights: LoRA, not full FT
+
+
 def model_dir(preset: str) -> Path:
-    """The benchmark model `preset`, built once under $SFT_JOB_CACHE/bench/."""
+    """The benchmark model `preset`, built once under $SFT_JOB_CACHE/bench/ (or, for a real
+    model, the job's builtin copy)."""
     import tempfile
 
     from sft_job.models.builtin import cache_root
+
+    if preset in REAL_MODELS:
+        from sft_job.models.load import resolve_model_dir
+
+        return resolve_model_dir(REAL_MODELS[preset])
 
     d = cache_root() / "bench" / f"{preset}-v1"
     if not (d / "config.json").is_file():

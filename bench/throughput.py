@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -51,11 +50,35 @@ import _common as c
 
 BATCH = 8
 MAX_LEN = 512
-ARMS = ["seed-longest", "seed-512", "ours", "ours-unpacked", "ours-rows", "ours-prompt"]
+ARMS = ["seed-longest", "seed-512", "trl-packed", "trl-defaults", "ours", "ours-unpacked",
+        "ours-rows", "ours-prompt", "ours-fp32", "ours-trlhead", "ours-base", "ours-d0"]
+# the job's arms: train_ours keyword arguments (the job's defaults unless set)
+OURS = {"ours": {}, "ours-unpacked": {"packing": False}, "ours-rows": {"attn": "sdpa"},
+        "ours-prompt": {"train_on_prompt": True}, "ours-fp32": {"precision": "fp32"},
+        "ours-trlhead": {"lm_head": "trl"}, "ours-base": {"precision": "fp32", "lm_head": "trl"},
+        "ours-d0": {"dropout": 0.0}}
+BASELINES = ["seed-longest", "seed-512", "trl-packed", "trl-defaults"]
+
+
+def method(args: argparse.Namespace, dropout: float = 0.05) -> dict[str, Any]:
+    """Full fine-tuning of the random models; LoRA (the job's default settings, all-linear)
+    of a real one."""
+    if args.model not in c.REAL_MODELS:
+        return {"kind": "full"}
+    return {"kind": "lora", "r": 16, "alpha": 32, "dropout": dropout, "target_modules": "all-linear"}
+
+
+def lora(args: argparse.Namespace, model: Any) -> Any:
+    """The same PEFT LoraConfig for every arm (None for full fine-tuning)."""
+    from sft_job.models.load import lora_config
+    from sft_job.spec import MethodSpec
+
+    return lora_config(MethodSpec(**method(args)), model)
 
 
 def job_spec(mdir: Path, data: Path, out: Path, args: argparse.Namespace, seed: int,
-             packing: bool, batch: int, train_on_prompt: bool = False) -> Any:
+             packing: bool, batch: int, train_on_prompt: bool = False, precision: str = "auto",
+             dropout: float = 0.05) -> Any:
     from sft_job.spec import JobSpec
 
     return JobSpec.model_validate({
@@ -64,10 +87,11 @@ def job_spec(mdir: Path, data: Path, out: Path, args: argparse.Namespace, seed: 
         "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"),
                  "format": "alpaca", "max_length": MAX_LEN, "packing": packing, "seed": seed,
                  "train_on_prompt": train_on_prompt},
-        "method": {"kind": "full"},
+        "method": method(args, dropout),
         "train": {"epochs": 1, "learning_rate": args.lr, "batch_size": batch,
                   "lr_scheduler": "cosine", "warmup_ratio": 0.1, "weight_decay": 0.0,
-                  "max_grad_norm": 1.0, "logging_steps": 1, "seed": seed},
+                  "max_grad_norm": 1.0, "logging_steps": 1, "seed": seed,
+                  "precision": precision},
         "backend": "cpu",
         "output": {"uri": str(out)},
     })
@@ -106,7 +130,10 @@ class LossLog:
 
 def train_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, seed: int,
                batch: int, attn: str | None = None, packing: bool = True,
-               train_on_prompt: bool = False) -> dict[str, Any]:
+               train_on_prompt: bool = False, precision: str = "auto", lm_head: str | None = None,
+               dropout: float = 0.05) -> dict[str, Any]:
+    import dataclasses
+
     import torch
 
     from sft_job.data import build as build_data
@@ -115,8 +142,10 @@ def train_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, see
     from sft_job.train.trainer import build_trainer
 
     spec = job_spec(mdir, data, work / "out", args, seed, packing=packing, batch=batch,
-                    train_on_prompt=train_on_prompt)
+                    train_on_prompt=train_on_prompt, precision=precision, dropout=dropout)
     backend = resolve(spec)
+    if lm_head:
+        backend = dataclasses.replace(backend, lm_head=lm_head)
     tok = load_tokenizer(spec.model, mdir, need_chat_template=False)
     bundle = build_data(spec.data, tok, work / "data")
     model = load_model(spec.model, spec.method, mdir, backend.torch_dtype(),
@@ -127,7 +156,15 @@ def train_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, see
     torch.manual_seed(seed)
     trainer.train()
     assert trainer.sft_job_collator.tokens == sum(collator.tokens)  # one epoch, every row once
-    return _figures(trainer, collator, log, bundle.stats["train_examples"], tok)
+    r = _figures(trainer, collator, log, bundle.stats["train_examples"], tok)
+    r["precision"], r["lm_head"] = precision_of(trainer), trainer.sft_job_lm_head
+    return r
+
+
+def precision_of(trainer: Any) -> str:
+    from sft_job.train.trainer import precision
+
+    return precision(trainer)
 
 
 def _figures(trainer: Any, collator: _Counting, log: Any, examples: int, tok: Any) -> dict[str, Any]:
@@ -172,6 +209,10 @@ def train_seed(mdir: Path, rows: list[dict[str, list[int]]], work: Path,
     model = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32,
                                                  attn_implementation="sdpa")
     model.config.use_cache = False
+    if lora(args, model) is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora(args, model))
     targs = TrainingArguments(
         output_dir=str(work / "seed"), per_device_train_batch_size=BATCH, num_train_epochs=1,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0,
@@ -288,11 +329,19 @@ def one_run(i: int, args: argparse.Namespace, mdir: Path, data: Path, train: lis
     for arm in order:
         work = root / f"run{i}-{arm}"
         print(f"  run {i + 1}: {arm} ...", flush=True)
-        if arm.startswith("ours"):
+        if arm in OURS:
             r = train_ours(mdir, data, work, args, seed,
-                           BATCH if arm == "ours-unpacked" else ours_batch,
-                           "sdpa" if arm == "ours-rows" else None, packing=arm != "ours-unpacked",
-                           train_on_prompt=arm == "ours-prompt")
+                           BATCH if arm == "ours-unpacked" else ours_batch, **OURS[arm])
+        elif arm.startswith("trl"):
+            from types import SimpleNamespace
+
+            from _peers import train_trl
+            from transformers import AutoConfig
+
+            peft = lora(args, SimpleNamespace(config=AutoConfig.from_pretrained(str(mdir))))
+            r = train_trl(mdir, train, work, args, seed, arm == "trl-packed",
+                          ours_batch if arm == "trl-packed" else BATCH, peft, _figures,
+                          LossLog.make(), _Counting, MAX_LEN)
         else:
             r = train_seed(mdir, train, work, args, seed, MAX_LEN if arm == "seed-512" else None,
                            args.max512_steps if arm == "seed-512" and args.max512_steps else None)
@@ -312,55 +361,9 @@ def one_run(i: int, args: argparse.Namespace, mdir: Path, data: Path, train: lis
     return out
 
 
-def report(runs: list[dict[str, dict[str, Any]]], stats: dict, info: dict, args: argparse.Namespace,
-           ours_batch: int, n_params: int) -> dict[str, Any]:
-    arms = sorted(args.arms, key=ARMS.index)
-    col = lambda arm, key: [r[arm][key] for r in runs]  # noqa: E731
-    rows = []
-    for arm in arms:
-        r0 = runs[0][arm]
-        eff = f"{r0['tokens_all'] / r0['slots_all']:.3f}"
-        rows.append([arm, r0["steps"], round(r0["examples"] / max(1, r0["steps"]), 1)
-                     if arm != "seed-512" else BATCH, eff,
-                     c.spread(col(arm, "tps_wall")), c.spread(col(arm, "tps_cpu")),
-                     c.spread(col(arm, "eval_resp")), c.spread(col(arm, "eval_all"))])
-    print()
-    c.print_machine(info)
-    print(f"model {args.model} ({n_params / 1e6:.1f}M params), {args.examples} train / "
-          f"{args.eval_examples} eval examples, lr {args.lr}, ours {ours_batch} packed rows/step; "
-          f"data tokens: {stats}")
-    print(c.table(["arm", "steps", "examples/step", "slot eff.", "useful tok/s (wall)",
-                   "useful tok/CPU-s", "eval loss (response)", "eval loss (all tokens)"], rows))
-    ratios = {}
-    ours_arms = [a for a in arms if a.startswith("ours")]
-    for arm in ours_arms:
-        for base in [b for b in arms if b.startswith("seed")] + (["ours-rows"] if arm == "ours" and
-                                                                 "ours-rows" in arms else []):
-            for unit in ("tps_wall", "tps_cpu"):
-                ratios[f"{arm}/{base} {unit}"] = [r[arm][unit] / r[base][unit] for r in runs]
-    loss_delta = {arm: [(r[arm]["eval_resp"] - r["seed-longest"]["eval_resp"])
-                        / r["seed-longest"]["eval_resp"] for r in runs] for arm in ours_arms}
-    print()
-    print(c.table(["ratio (same run), min / median / max", "value"],
-                  [[k, c.spread(v)] for k, v in ratios.items()]
-                  + [[f"{arm} vs seed-longest, eval loss (response), relative",
-                      c.spread([100 * d for d in v]) + " %"] for arm, v in loss_delta.items()]
-                  + [["seed-512 vs seed-longest per-step loss, max |diff|",
-                      f"{max(r['seed-512']['loss_match'] for r in runs):.2e}"]]))
-    med = {k: statistics.median(v) for k, v in ratios.items()}
-    for arm in ours_arms:
-        ok = med[f"{arm}/seed-longest tps_wall"] >= 2 and med[f"{arm}/seed-512 tps_wall"] >= 3.5
-        print(f"{arm}: speed goal (>= 2x pad-to-longest, >= 3.5x pad-to-512, median wall) "
-              f"{'met' if ok else 'NOT met'}; loss goal (<= seed-longest + 1%) "
-              f"{'met' if statistics.median(loss_delta[arm]) <= 0.01 else 'NOT met'}")
-    slim = [{a: {k: v for k, v in r[a].items()} for a in r} for r in runs]
-    return {"machine": info, "args": vars(args), "data": stats, "ours_batch": ours_batch,
-            "params": n_params, "runs": slim, "ratios": ratios, "loss_delta": loss_delta}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="llama-20m", choices=sorted(c.MODELS))
+    ap.add_argument("--model", default="llama-20m", choices=sorted(c.MODELS) + sorted(c.REAL_MODELS))
     ap.add_argument("--examples", type=int, default=128, help="training examples (one epoch)")
     ap.add_argument("--eval-examples", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
@@ -375,7 +378,7 @@ def main() -> None:
     ap.add_argument("--pretrain-examples", type=int, default=0,
                     help="first train the random model on N other examples, every token (cached), "
                     "so the arms start from a model that knows the language, as SFT does")
-    ap.add_argument("--arms", default="seed-longest,seed-512,ours,ours-unpacked",
+    ap.add_argument("--arms", default="seed-longest,seed-512,trl-packed,trl-defaults,ours",
                     type=lambda s: [a for a in s.split(",") if a],
                     help=f"comma-separated, among {','.join(ARMS)} (seed-longest and seed-512 "
                     "are needed)")
@@ -420,6 +423,8 @@ def main() -> None:
             runs = [one_run(i, args, mdir, data, train, ev, tok.pad_token_id, ours_batch, root)
                     for i in range(args.runs)]
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    from _report import report
+
     c.write_json(args.json, report(runs, stats, info, args, ours_batch, n_params))
 
 

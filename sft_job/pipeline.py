@@ -170,7 +170,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     tokenizer = load_tokenizer(spec.model, model_dir, need_chat_template=False)
     timings.mark("model_fetch")
     _check_stop(stop, "the model download")
-    log.info("job %s: backend %s (%s, attention %s), base %s, method %s", spec.name,
+    log.info("job %s: backend %s (%s weights, attention %s), base %s, method %s", spec.name,
              backend.name, backend.dtype, backend.attn, spec.model.base, spec.method.kind)
     bundle = build_data(spec.data, tokenizer, mine)
     timings.mark("data")
@@ -217,7 +217,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
         (stage / "job.yaml").write_text(dump_spec(spec))
         storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
     reporter.attach(trainer)  # the trackers' writers, opened by start (rank 0)
-    _log_plan(spec, trainer, bundle)
+    _log_plan(spec, trainer, bundle, backend)
     if not resume and bundle.eval:  # the base model's loss, for before -> after
         _eval_before(trainer, bundle.eval, metrics_path, stop)
     try:
@@ -249,6 +249,7 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     from sft_job.finish import report
     from sft_job.finish.evaluate import eval_loss as evaluate_loss
     from sft_job.finish.evaluate import perplexity, samples_markdown
+    from sft_job.train.trainer import precision
 
     out_uri = spec.output.uri
     eval_loss = eval_tokens = None
@@ -289,6 +290,8 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
         "name": spec.name,
         "spec_hash": spec.run_hash(),
         "method": spec.method.kind,
+        "precision": precision(trainer),
+        "lm_head": trainer.sft_job_lm_head,
         "steps": trainer.state.global_step,
         "train_loss": losses[-1] if losses else None,
         # NaN only when nothing was trained here (resumed at the final step); the guard
@@ -451,12 +454,16 @@ def _push_hub(spec: JobSpec, model_out: Path | None, adapter_out: Path | None) -
     return spec.output.push_to_hub
 
 
-def _log_plan(spec: JobSpec, trainer: Any, bundle: Any) -> None:
+def _log_plan(spec: JobSpec, trainer: Any, bundle: Any, backend: Any) -> None:
+    from sft_job.train.trainer import precision
+
     world = trainer.args.world_size
     eff = spec.train.batch_size * spec.train.grad_accum * world
     steps = spec.train.max_steps or math.ceil(math.ceil(len(bundle.train) / eff) * spec.train.epochs)
+    prec = precision(trainer)
+    why = backend.why if prec == backend.precision else "trainer: override"
     log.info("plan: %d train rows (%s), effective batch %d rows (%d x %d accum x %d ranks), "
-             "%d steps, <= %d tokens/step, spec hash %s", len(bundle.train),
-             "packed" if spec.data.packing else "unpacked", eff, spec.train.batch_size,
-             spec.train.grad_accum, world, steps,
-             eff * spec.data.max_length, spec.run_hash())
+             "%d steps, <= %d tokens/step, precision %s (%s), LM head %s, spec hash %s",
+             len(bundle.train), "packed" if spec.data.packing else "unpacked", eff,
+             spec.train.batch_size, spec.train.grad_accum, world, steps,
+             eff * spec.data.max_length, prec, why, trainer.sft_job_lm_head, spec.run_hash())

@@ -137,6 +137,11 @@ class TrainSpec(Strict):
         "spec name; a resumed run continues the same curves. Each needs its extra: "
         "pip install 'sft-job[tensorboard]' (or wandb, mlflow).",
     )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Compute precision. auto: bf16 on Ampere+ GPUs and TPU, fp16 on older "
+        "GPUs, fp32 on CPU; bf16 on CPU is autocast over fp32 weights, worth it where the CPU has "
+        "native bf16 (AVX512_BF16 or AMX). The choice is logged in the plan line and summary.json."
+    )
 
 
 class EvalSpec(Strict):

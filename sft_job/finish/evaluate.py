@@ -51,6 +51,9 @@ def eval_loss(trainer: Any, rows: list[dict[str, Any]],
     model = trainer.model
     device = trainer.args.device
     collate = getattr(trainer.data_collator, "inner", trainer.data_collator)  # not counted
+    own_head = getattr(trainer, "sft_job_lm_head", None) == "trained-positions"
+    if own_head:
+        from sft_job.train.loss import token_nll
     dist = _dist()
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist else (1, 0)
     mine = rows[rank::world]
@@ -72,10 +75,14 @@ def eval_loss(trainer: Any, rows: list[dict[str, Any]],
             if batch is None:  # this rank has no rows at all: it still joins every pass
                 batch = collate(rows[:1])
             inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            loss = model(**inputs).loss
-            if chunk:
+            if own_head:  # the training loss's own head: logits of trained positions only
+                nll, n = token_nll(model, inputs)
+                nll, n = float(nll), int(n)
+            else:
                 n = int((batch["labels"][..., 1:] != -100).sum())
-                total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+                nll = float(model(**inputs).loss) * n
+            if chunk:
+                total += torch.tensor([nll, n], dtype=torch.float64)
     if was_training:
         model.train()
     if stopped:

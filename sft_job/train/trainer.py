@@ -130,11 +130,32 @@ def build_trainer(spec: JobSpec, backend: Backend, model: Any, tokenizer: Any,
 
     trainer.remove_callback(PrinterCallback)  # our metrics callback logs one readable line
     trainer.sft_job_collator = collator  # read by the metrics callback for tokens/s
+    trainer.sft_job_lm_head = _lm_head(trainer, backend)
     if backend.name == "tpu":
         from sft_job.train import xla
 
         xla.prepare(trainer)  # FSDPv2: optimizer before train(), clean state-dict names
     return trainer
+
+
+def _lm_head(trainer: Any, backend: Backend) -> str:
+    """Put the LM head over trained positions only into `trainer` where the backend wants it
+    and the settings allow; returns what computes the loss, for the plan line and summary."""
+    if backend.lm_head != "trained":
+        return "trl"
+    from sft_job.train import loss
+
+    why = loss.use_in(trainer)
+    if why:
+        log.info("LM head: TRL's (all positions) because of %s", why)
+        return "trl"
+    return "trained-positions"
+
+
+def precision(trainer: Any) -> str:
+    """The compute precision the trainer runs with (after `trainer:` overrides)."""
+    args = trainer.args
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
 def metrics_callback(path: Path, collator_ref: list[Any]) -> Any:

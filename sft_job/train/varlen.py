@@ -72,6 +72,11 @@ def varlen_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: A
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if len(rows) == 1 and query.shape[0] > 1:  # one set of position ids for the whole batch
         rows *= query.shape[0]
+    dtype = query.dtype
+    if query.device.type == "cpu" and dtype != torch.float32:
+        # CPU sdpa at per-sample shapes (~100 tokens, head dim 64) is ~3x slower in bf16 than in
+        # fp32 (forward + backward, torch 2.13): under bf16 autocast, attend in fp32
+        query, key, value = query.float(), key.float(), value.float()
     out = []
     for b, spans in enumerate(rows):
         # split, not slices: the backward of split is one cat, a slice's is a full-size zero tensor
@@ -79,7 +84,8 @@ def varlen_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: A
         parts = zip(*(t[b:b + 1].split(sizes, dim=2) for t in (query, key, value)), strict=True)
         out.append(torch.cat([sdpa_attention_forward(module, q, k, v, None, **kwargs)[0]
                               for q, k, v in parts], dim=1))
-    return torch.cat(out, dim=0), None  # [batch, tokens, heads, head_dim], as sdpa returns it
+    # [batch, tokens, heads, head_dim], as sdpa returns it
+    return torch.cat(out, dim=0).to(dtype), None
 
 
 def _mask(*args: Any, **kwargs: Any) -> Any:

@@ -152,6 +152,7 @@ def test_methods_and_formats(name: str, overrides: list[str], expect: set[str], 
     summary = json.loads((out / "metrics/summary.json").read_text())
     kind = next((o.split("=")[1] for o in overrides if o.startswith("method.kind=")), "lora")
     assert summary["method"] == kind
+    assert summary["lm_head"] == "trained-positions"  # sft_job.train.loss on CPU, every method
     assert summary["steps"] == int(next(o.split("=")[1] for o in overrides if "max_steps" in o))
 
 
