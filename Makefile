@@ -25,6 +25,9 @@ $(BIN)/sft-job: pyproject.toml constraints/cpu.txt
 
 venv: $(BIN)/sft-job ## Create .venv with the CPU stack (torch 2.13.0 CPU build)
 
+demo: venv ## SmolLM2-135M (real, from a package) learns a persona with LoRA on CPU into ./out/demo
+	$(BIN)/sft-job run jobs/demo-smollm2.yaml
+
 smoke: venv ## Train the builtin tiny model on bundled data into ./out/smoke
 	$(BIN)/sft-job run jobs/smoke-cpu.yaml
 
@@ -41,6 +44,6 @@ schema: venv ## Regenerate docs/spec.md (the spec field reference) from sft_job/
 clean: ## Remove outputs (not the venv)
 	rm -rf out .pytest_cache
 
-.PHONY: help venv smoke test lint schema clean
+.PHONY: help venv demo smoke test lint schema clean
 
 -include mk/*.mk

@@ -24,14 +24,16 @@ def report(runs: list[dict[str, dict[str, Any]]], stats: dict, info: dict, args:
                      r0["steps"], round(r0["examples"] / max(1, r0["steps"]), 1)
                      if arm != "seed-512" else BATCH, eff,
                      c.spread(col(arm, "tps_wall")), c.spread(col(arm, "tps_cpu")),
-                     c.spread(col(arm, "eval_resp")), c.spread(col(arm, "eval_all"))])
+                     c.spread(col(arm, "eval_resp")), c.spread(col(arm, "eval_all")),
+                     c.spread(col(arm, "peak_rss_gb"))])
     print()
     c.print_machine(info)
     print(f"model {args.model} ({n_params / 1e6:.1f}M params, {method(args)['kind']}), "
           f"{args.examples} train / {args.eval_examples} eval examples, lr {args.lr}, ours "
           f"{ours_batch} packed rows/step; data tokens: {stats}")
     print(c.table(["arm", "precision", "steps", "examples/step", "slot eff.", "useful tok/s (wall)",
-                   "useful tok/CPU-s", "eval loss (response)", "eval loss (all tokens)"], rows))
+                   "useful tok/CPU-s", "eval loss (response)", "eval loss (all tokens)",
+                   "peak RSS GB"], rows))
     ratios = {}
     ours_arms = [a for a in arms if a in OURS]
     for arm in ours_arms:

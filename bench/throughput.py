@@ -329,29 +329,16 @@ def one_run(i: int, args: argparse.Namespace, mdir: Path, data: Path, train: lis
     for arm in order:
         work = root / f"run{i}-{arm}"
         print(f"  run {i + 1}: {arm} ...", flush=True)
-        if arm in OURS:
-            r = train_ours(mdir, data, work, args, seed,
-                           BATCH if arm == "ours-unpacked" else ours_batch, **OURS[arm])
-        elif arm.startswith("trl"):
-            from types import SimpleNamespace
-
-            from _peers import train_trl
-            from transformers import AutoConfig
-
-            peft = lora(args, SimpleNamespace(config=AutoConfig.from_pretrained(str(mdir))))
-            r = train_trl(mdir, train, work, args, seed, arm == "trl-packed",
-                          ours_batch if arm == "trl-packed" else BATCH, peft, _figures,
-                          LossLog.make(), _Counting, MAX_LEN)
-        else:
-            r = train_seed(mdir, train, work, args, seed, MAX_LEN if arm == "seed-512" else None,
-                           args.max512_steps if arm == "seed-512" and args.max512_steps else None)
+        with PeakRSS() as rss:
+            r = _arm(arm, i, args, mdir, data, train, work, seed, ours_batch)
+        r["peak_rss_gb"] = rss.peak_gb
         if arm != "seed-512" or not args.max512_steps:
             r["eval_resp"], r["eval_all"] = eval_losses(r["model"], ev, pad_id)
         del r["model"], r["tok"]
         r["tps_wall"], r["tps_cpu"] = r["tokens"] / r["wall"], r["tokens"] / r["cpu"]
         print(f"    {r['steps']} steps, {r['tokens']} useful tokens, {r['wall']:.1f} s wall, "
-              f"{r['cpu']:.1f} s CPU: {r['tps_wall']:.1f} tok/s, {r['tps_cpu']:.1f} tok/CPU-s",
-              flush=True)
+              f"{r['cpu']:.1f} s CPU: {r['tps_wall']:.1f} tok/s, {r['tps_cpu']:.1f} tok/CPU-s, "
+              f"peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
         out[arm] = r
     lo, mx = out["seed-longest"], out["seed-512"]
     k = len(mx["losses"])
@@ -360,6 +347,49 @@ def one_run(i: int, args: argparse.Namespace, mdir: Path, data: Path, train: lis
         mx["eval_resp"], mx["eval_all"] = lo["eval_resp"], lo["eval_all"]
     return out
 
+
+class PeakRSS:
+    """The process's peak resident size while one arm trains, sampled every 20 ms (the arms
+    share a process, so its ru_maxrss would be the largest arm's for every later arm)."""
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        self.peak_gb = 0.0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._sample, daemon=True)
+        self._t.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            with open("/proc/self/status") as f:
+                kb = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
+            self.peak_gb = max(self.peak_gb, kb / 2**20)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def _arm(arm: str, i: int, args: argparse.Namespace, mdir: Path, data: Path, train: list,
+         work: Path, seed: int, ours_batch: int) -> dict[str, Any]:
+    """Train one arm of one run."""
+    if arm in OURS:
+        return train_ours(mdir, data, work, args, seed,
+                          BATCH if arm == "ours-unpacked" else ours_batch, **OURS[arm])
+    if arm.startswith("trl"):
+        from types import SimpleNamespace
+
+        from _peers import train_trl
+        from transformers import AutoConfig
+
+        peft = lora(args, SimpleNamespace(config=AutoConfig.from_pretrained(str(mdir))))
+        return train_trl(mdir, train, work, args, seed, arm == "trl-packed",
+                         ours_batch if arm == "trl-packed" else BATCH, peft, _figures,
+                         LossLog.make(), _Counting, MAX_LEN)
+    return train_seed(mdir, train, work, args, seed, MAX_LEN if arm == "seed-512" else None,
+                      args.max512_steps if arm == "seed-512" and args.max512_steps else None)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -16,7 +16,19 @@ from sft_job import storage
 from sft_job.spec import ACCELERATOR_MEMORY_GB, JobSpec
 
 GB = 1024**3
-RUNTIME_OVERHEAD_GB = {"cuda": 1.0, "tpu": 0.5, "cpu": 0.3}
+# CUDA context and kernels; on CPU the resident size of a process that imported torch,
+# transformers, TRL and PEFT (0.6 GB measured with a tiny model, bench/memory.py)
+RUNTIME_OVERHEAD_GB = {"cuda": 1.0, "tpu": 0.5, "cpu": 0.6}
+# Activations kept for backward per token and layer, in values of the activation dtype: the
+# attention block's norm input/output, q, k, v, rope outputs, attention output (7h + 3 kv) and
+# the gated MLP's gate, up, activation and product (4 i). Each LoRA-adapted linear adds its
+# dropout output and mask (~2.8 x its input width, fitted). Fitted on CPU peaks of SmolLM2-135M
+# (bench/memory.py; README): full 41 KB/token/layer measured vs 43 estimated, LoRA 94-99 vs 95.
+LORA_INPUT_FACTOR = 2.8
+# With gradient checkpointing the layer inputs are kept (h per token and layer), one layer is
+# recomputed at a time, and on CPU the allocator keeps about this share of what a run without
+# checkpointing peaks at (measured 0.52-0.58 on SmolLM2 LoRA).
+CKPT_CPU_SHARE = 0.55
 
 
 def _config(spec: JobSpec) -> Any:
@@ -65,6 +77,39 @@ def _counts(config: Any, spec: JobSpec) -> tuple[int, int, int]:
     return total, linear, lora
 
 
+def _activations(cfg: Any, spec: JobSpec, backend: str, tokens: int, abytes: int
+                 ) -> tuple[float, float]:
+    """(activation bytes kept for backward, LM head + loss bytes) of one micro-batch."""
+    h = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    kv = h * (getattr(cfg, "num_key_value_heads", None) or heads) // heads
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h
+    vocab = getattr(cfg, "vocab_size", 0)
+    per = 7 * h + 3 * kv + 4 * inter
+    if spec.method.kind != "full":
+        targets = spec.method.target_modules
+        widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h, "gate_proj": h, "up_proj": h,
+                  "down_proj": inter, "c_attn": h, "c_proj": h, "c_fc": h}
+        adapted = sum(widths.values()) - 3 * h if targets == "all-linear" else \
+            sum(widths.get(t, h) for t in targets)  # all-linear: the llama names, not gpt2's too
+        per += (LORA_INPUT_FACTOR if spec.method.dropout else 1.0) * adapted
+    if spec.model.attn_implementation == "eager":
+        per += 2 * heads * spec.data.max_length  # scores and probabilities
+    full = layers * tokens * per * abytes
+    if spec.method.gradient_checkpointing:
+        kept = layers * tokens * h * abytes + tokens * per * abytes
+        act = max(kept, CKPT_CPU_SHARE * full) if backend == "cpu" else kept
+    else:
+        act = full
+    # logits in fp32 and their gradient; the job's CPU head and TRL's fused GPU head work in
+    # chunks (~64 MiB of logits), the TPU path materialises them whole
+    head = tokens * vocab * 4 * 2
+    if backend != "tpu":
+        head = min(head, 3 * 64 * 2**20)
+    return act, head
+
+
 def estimate(spec: JobSpec) -> dict[str, Any] | None:
     """Per-device memory estimate in GB with its breakdown."""
     cfg = _config(spec)
@@ -87,19 +132,11 @@ def estimate(spec: JobSpec) -> dict[str, Any] | None:
     else:
         grads = trainable * (wbytes if kind == "full" else 4)
         optim = trainable * (2 * wbytes if kind == "full" else 8)
-    h = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
-    vocab = getattr(cfg, "vocab_size", 0)
-    s, b = spec.data.max_length, spec.train.batch_size
-    scale = wbytes / 2
-    if spec.method.gradient_checkpointing:
-        act = layers * 2 * s * b * h * scale + s * b * h * (34 + 5 * heads * s / h) * scale
-    else:
-        act = layers * s * b * h * (34 + 5 * heads * s / h) * scale
-    logits = s * b * vocab * 4 * 2
+    tokens = spec.data.max_length * spec.train.batch_size  # per micro-batch (packed: full rows)
+    act, head = _activations(cfg, spec, backend, tokens, wbytes if backend != "cpu" or
+                             spec.train.precision != "bf16" else 2)
     parts = {"weights": weights, "gradients": grads, "optimizer": optim, "activations": act,
-             "logits": logits, "runtime": RUNTIME_OVERHEAD_GB[backend] * GB}
+             "logits": head, "runtime": RUNTIME_OVERHEAD_GB[backend] * GB}
     return {
         "params": total,
         "trainable_params": trainable,

@@ -222,3 +222,18 @@ def test_a_gguf_path_converts_to_the_same_weights(smol_dir: Path, sft_cache: Pat
     a, b = load_file(path / "model.safetensors"), load_file(smol_dir / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert resolve_model_dir(str(packaged_file("smollm2-135m"))) == path  # cached
+
+
+def test_memory_estimate_is_near_the_measured_peak(lora_run: tuple[Path, dict[str, Any]],
+                                                    sft_cache: Path, tmp_path: Path) -> None:
+    """`validate`'s estimate for the run's own spec against the peak RSS the run recorded
+    (CPU; calibrated with bench/memory.py): it must not be far below (a job it says fits would
+    not) nor far above (a job that fits would be refused)."""
+    out, summary = lora_run
+    report = tmp_path / "r.json"
+    res = run_cli(["validate", str(out / "job.yaml"), "--samples", "0", "--json", str(report),
+                   "--set", f"output.uri={tmp_path / 'v'}"], sft_cache)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    est = json.loads(report.read_text())["facts"]["memory"]["total_gb"]
+    peak = max(r["peak_rss_gb"] for r in summary["ranks"])
+    assert 0.8 <= est / peak <= 1.4, (est, peak)
