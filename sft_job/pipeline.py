@@ -238,7 +238,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
         uploader.close()
     reporter.finishing()
     timings.mark("train")
-    bundle.stats["ranks"] = _gather_rank_facts(trainer.sft_job_collator)
+    bundle.stats["ranks"] = _gather_rank_facts(trainer.sft_job_collator, bundle)
 
     return _finish(spec, trainer, tokenizer, model_dir, bundle, pairs, before, train_out,
                    stage, timings, generate)
@@ -365,13 +365,16 @@ def _efficiency(ranks: list[dict[str, Any]]) -> float | None:
     return round(sum(r["tokens"] for r in ranks) / slots, 4) if slots else None
 
 
-def _gather_rank_facts(collator: Any) -> list[dict[str, Any]]:
-    """What each rank trained on (tokens, batches, first batch hash) and its peak memory."""
+def _gather_rank_facts(collator: Any, bundle: Any) -> list[dict[str, Any]]:
+    """What each rank trained on (tokens, batches, first batch hash), whether it prepared the
+    data or waited for it, and its peak memory."""
     from sft_job.train.trainer import peak_memory
 
+    prep = bundle.stats.get("prepared", {})
     mine = {"rank": _rank(), "tokens": collator.tokens, "slots": collator.slots,
-            "batches": collator.batches,
-            "first_batch_sha": collator.first_batch_sha, **peak_memory()}
+            "batches": collator.batches, "first_batch_sha": collator.first_batch_sha,
+            "prepared_data": prep.get("here"), "waited_for_data_s": prep.get("waited_s"),
+            **peak_memory()}
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

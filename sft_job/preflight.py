@@ -415,7 +415,7 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
 
     from sft_job.data import _cpus, all_truncated
     from sft_job.data.formats import CHATML_TEMPLATE
-    from sft_job.data.prepare import kept_batches, split_mask
+    from sft_job.data.prepared import kept_batches, split_mask
     from sft_job.data.stream import read_source
     from sft_job.data.tokenize import slot_efficiency, token_stats
 

@@ -1,6 +1,6 @@
 """Data: fetch -> read -> detect format -> render examples -> tokenize -> split -> pack.
 
-`build` is the job's data step: it prepares the rows once (stream.py, prepare.py: streamed,
+`build` is the job's data step: it prepares the rows once (stream.py, prepared.py: streamed,
 tokenized in batches by worker processes, written as Arrow files) into the content-addressed
 cache under data.cache_uri (cache.py), or loads them from there, and hands the trainer
 memory-mapped datasets. `prepare` and `split` are the same steps on small data held in memory.
@@ -16,7 +16,7 @@ from typing import Any
 
 from sft_job.data.formats import Example
 from sft_job.data.load import Malformed
-from sft_job.data.prepare import all_truncated, example_from_json, split_mask
+from sft_job.data.prepared import all_truncated, example_from_json, split_mask
 from sft_job.data.stream import read_source
 from sft_job.spec import DataSpec
 

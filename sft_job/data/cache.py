@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_job import storage
-from sft_job.data.prepare import FILES, VERSION, prepare_dir
+from sft_job.data.prepared import FILES, VERSION, prepare_dir
 from sft_job.errors import DataError, TransientError
 from sft_job.spec import DATA_HOW, DataSpec
 from sft_job.storage.base import COMMIT_MARKER, is_remote, split_uri
