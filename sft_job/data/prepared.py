@@ -31,7 +31,7 @@ log = logging.getLogger("sft_job.data")
 
 VERSION = 1  # of the files below: bump when the same inputs would give other rows
 PACK_ROWS = 50 * PACK_BATCH
-SAMPLE_EXAMPLES = 32  # first examples of each split kept in meta.json (before/after samples)
+SAMPLE_EXAMPLES = 16  # first examples of each split kept in meta.json (before/after samples)
 FILES = ("train.arrow", "eval.arrow", "lengths.npy", "meta.json")
 
 

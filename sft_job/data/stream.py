@@ -55,6 +55,7 @@ class Source:
     raw_lengths: Any = None  # np.int32 per example, before truncation
     trained: Any = None  # np.int32 trained tokens per example, after truncation
     arrow: Path | None = None  # input_ids/labels, one row per example
+    items: Any = None  # np.int64 per example: its place among the rows read (malformed too)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class _Part:
     row_bad: list[Malformed]
     examples: list[Example] | None
     n: int
+    ok: Any  # np.int32: which items of the chunk became the examples
 
 
 _CTX: _Ctx | None = None  # set before the pool forks: what every worker works with
@@ -112,15 +114,16 @@ def read_source(uri: str, spec: DataSpec, tokenizer: Any | None, workdir: Path, 
         procs = 1
     if procs > 1:
         log.info("data: reading %s with %d worker processes", uri, procs)
-    hashes, raw, trained, read_bad, row_bad = [], [], [], [], []
+    hashes, raw, trained, read_bad, row_bad, places = [], [], [], [], [], []
     writer = _Writer(arrow) if arrow is not None else None
     try:
         with closing(_parts(ctx, _chunks(items, head), procs)) as parts:
-            for part in parts:
+            for k, part in enumerate(parts):
                 if check_stop is not None:
                     check_stop()
                 _add(src, part, head, keep_malformed, read_bad, row_bad)
                 hashes.append(part.hashes)
+                places.append(part.ok.astype(np.int64) + k * CHUNK)
                 if part.enc is not None:
                     raw.append(part.enc.raw_lengths)
                     trained.append(part.enc.trained())
@@ -132,6 +135,7 @@ def read_source(uri: str, spec: DataSpec, tokenizer: Any | None, workdir: Path, 
     _check(src, spec)
     all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
     src.duplicates = int(len(all_hashes) - len(np.unique(all_hashes)))
+    src.items = np.concatenate(places) if places else np.zeros(0, dtype=np.int64)
     if arrow is not None:
         src.arrow = arrow
         src.raw_lengths = np.concatenate(raw) if raw else np.zeros(0, dtype=np.int32)
@@ -142,20 +146,18 @@ def read_source(uri: str, spec: DataSpec, tokenizer: Any | None, workdir: Path, 
 def examples_at(src: Source, spec: DataSpec, tokenizer: Any, workdir: Path,
                 wanted: list[int]) -> list[Example]:
     """The examples of `src` at the given positions (sorted), from the kept head or, past it,
-    by reading and rendering the source again up to the last one."""
+    by reading the source again and rendering only those rows."""
     if not wanted or wanted[-1] < len(src.head):
         return [src.head[i] for i in wanted]
+    at = {int(src.items[i]) for i in wanted}
+    last = max(at)
+    out = []
     path = load.fetch(src.uri, workdir)
-    ctx = _Ctx(src.format, spec, tokenizer, False)
-    want, out, seen = set(wanted), [], 0
-    with closing(_parts(ctx, _chunks(load.iter_records(path, spec.max_samples), None), 1)) as parts:
-        for part in parts:
-            for ex in part.examples or []:
-                if seen in want:
-                    out.append(ex)
-                seen += 1
-            if seen > wanted[-1]:
-                break
+    for i, item in enumerate(load.iter_records(path, spec.max_samples)):
+        if i in at:
+            out.append(formats.to_example(item, src.format, spec, tokenizer))
+        if i >= last:
+            break
     return out
 
 
@@ -266,20 +268,22 @@ def _work(chunk: list[Record | Malformed], keep: bool) -> _Part:
 
     ctx = _CTX
     assert ctx is not None
-    examples, read_bad, row_bad = [], [], []
-    for item in chunk:
+    examples, read_bad, row_bad, ok = [], [], [], []
+    for i, item in enumerate(chunk):
         if isinstance(item, Malformed):
             read_bad.append(item)
             continue
         try:
             examples.append(formats.to_example(item, ctx.fmt, ctx.spec, ctx.tokenizer))
+            ok.append(i)
         except RowError as e:
             row_bad.append(Malformed(item.source, str(e)))
     hashes = np.fromiter((_text_hash(ex) for ex in examples), dtype=np.uint64,
                          count=len(examples))
     enc = encode_batch(examples, ctx.tokenizer, ctx.spec.max_length) \
         if ctx.encode and examples else None
-    return _Part(enc, hashes, read_bad, row_bad, examples if keep else None, len(examples))
+    return _Part(enc, hashes, read_bad, row_bad, examples if keep else None, len(examples),
+                 np.asarray(ok, dtype=np.int32))
 
 
 def _text_hash(ex: Example) -> int:
