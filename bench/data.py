@@ -1,7 +1,7 @@
 """The data step at the sizes users train on: the job as it was (a baseline commit) against this
 checkout, in the same run, on generated Alpaca-like and chat data.
 
-    nice .venv/bin/python bench/data.py                                   # the RESULTS.md run
+    nice .venv/bin/python bench/data.py --native --json data.json         # the RESULTS.md run
     nice .venv/bin/python bench/data.py --rows 20000 --big-rows 100000 --chat-rows 20000 --reps 1
 
 Every arm is a real `sft-job run` of jobs/smoke-cpu.yaml (builtin tiny Llama, LoRA, CPU) in a
@@ -16,8 +16,9 @@ tokenizer-free row scan, which the old path runs too). Arms are interleaved, `--
 
 Arms: old@N (baseline, N rows), new@N cold (empty cache), new@BIG cold, then SIGTERM after
 its first committed checkpoint and a rerun (`warm`: process start -> first optimizer step,
-loading the committed cache), chat@CHAT cold, and once: 2 ranks on this machine
-(NPROC_PER_NODE=2), new@N cold, where rank 0 prepares and rank 1 waits.
+loading the committed cache), chat@CHAT cold, with --native old/new@N with
+data.template=native (Alpaca's own template: no chat template to render), and once: 2 ranks on
+this machine (NPROC_PER_NODE=2), new@N cold, where rank 0 prepares and rank 1 waits.
 """
 
 from __future__ import annotations
@@ -295,6 +296,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--baseline-ref", default="c4ba75a", help="commit of the old data step")
     ap.add_argument("--no-two-ranks", action="store_true")
+    ap.add_argument("--native", action="store_true",
+                    help="also old/new@N with data.template=native (no chat template rendering)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -329,6 +332,12 @@ def main() -> None:
             r, out = run_arm(f"chat@{args.chat_rows}", new, chat, args.chat_rows, "chat", work)
             results.append({**r, "rep": rep})
             shutil.rmtree(out, ignore_errors=True)
+            if args.native:  # alpaca rows in their own template (no chat template to render)
+                for arm, code in (("old", old), ("new", new)):
+                    r, out = run_arm(f"{arm}-native@{args.rows}", code, small, args.rows,
+                                     "alpaca", work, extra=["data.template=native"])
+                    results.append({**r, "rep": rep})
+                    shutil.rmtree(out, ignore_errors=True)
         if not args.no_two_ranks:
             r, _ = run_arm(f"2ranks@{args.rows}", new, small, args.rows, "alpaca", work,
                            env_extra={"NPROC_PER_NODE": "2",
@@ -369,10 +378,13 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
                    "start -> 1st step s", "load"], rows))
     old, new, bign = (by.get(f"old@{args.rows}", []), by.get(f"new@{args.rows}", []),
                       by.get(f"new@{args.big_rows}", []))
-    for label, other in ((f"new@{args.rows}", new), (f"new@{args.big_rows}", bign)):
-        if old and other:
-            pairs = list(zip(old, other, strict=False))
-            print(f"{label} vs old@{args.rows}, per rep (min/med/max): rows/s x"
+    compare = [(f"new@{args.rows}", old, new), (f"new@{args.big_rows}", old, bign),
+               (f"new-native@{args.rows}", by.get(f"old-native@{args.rows}", []),
+                by.get(f"new-native@{args.rows}", []))]
+    for label, base, other in compare:
+        if base and other:
+            pairs = list(zip(base, other, strict=False))
+            print(f"{label} vs {base[0]['arm']}, per rep (min/med/max): rows/s x"
                   f"{c.spread([n['rows_per_s'] / o['rows_per_s'] for o, n in pairs])}, "
                   f"data-phase rows/s x"
                   f"{c.spread([n['phase_rows_per_s'] / o['phase_rows_per_s'] for o, n in pairs])}"

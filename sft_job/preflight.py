@@ -415,7 +415,7 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
 
     from sft_job.data import _cpus, all_truncated
     from sft_job.data.formats import CHATML_TEMPLATE
-    from sft_job.data.prepared import kept_batches, split_mask
+    from sft_job.data.prepared import kept_batches, length_facts, split_mask
     from sft_job.data.stream import read_source
     from sft_job.data.tokenize import slot_efficiency, token_stats
 
@@ -454,7 +454,7 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
     train = np.ones(src.examples, dtype=bool) if held is None else ~held
     st = token_stats(src.raw_lengths[train], src.trained[train], spec.data.max_length)
     if len(st.raw_lengths):
-        d["tokens"] = _length_facts(st.raw_lengths)
+        d["tokens"] = length_facts(st.raw_lengths)
     d["truncated"] = st.truncated
     d["dropped_prompt_too_long"] = st.dropped_no_target
     if not len(st.lengths):
@@ -473,23 +473,6 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
     d["samples"] = [_render(r, tok, stops) for r in first]
 
 
-def _length_facts(lengths: Any) -> dict[str, Any]:
-    """min / median / p95 / max of token lengths, as `statistics` computes them (median and
-    the 'exclusive' quantile method), from a sorted numpy array."""
-    import numpy as np
-
-    s = np.sort(lengths)
-    n = len(s)
-    median = int(s[n // 2]) if n % 2 else (int(s[n // 2 - 1]) + int(s[n // 2])) / 2
-    if n > 1:
-        j = min(max(19 * (n + 1) // 20, 1), n - 1)
-        delta = 19 * (n + 1) - j * 20
-        p95 = (int(s[j - 1]) * (20 - delta) + int(s[j]) * delta) / 20
-    else:
-        p95 = int(s[0])
-    return {"min": int(s[0]), "median": median, "p95": round(p95, 1), "max": int(s[-1])}
-
-
 def _check_stops(batches: Any, tok: Any, max_length: int, rep: Report, n_first: int
                  ) -> tuple[set[int], list[dict[str, list[int]]]]:
     """Every trained span ends with exactly one stop token (EOS or the chat template's
@@ -497,6 +480,7 @@ def _check_stops(batches: Any, tok: Any, max_length: int, rep: Report, n_first: 
     row whose last reply has no stop (the model would not learn to stop). Reads the rows a
     batch at a time; returns the stop ids and the first `n_first` rows."""
     from sft_job.data.formats import special_tokens
+    from sft_job.data.prepared import stop_counts
     from sft_job.models.gguf import END_OF_TURN
 
     specials = set(special_tokens(tok))
@@ -507,7 +491,7 @@ def _check_stops(batches: Any, tok: Any, max_length: int, rep: Report, n_first: 
     for batch in batches:
         if len(first) < n_first:
             first += batch.slice(0, n_first - len(first)).to_pylist()
-        d, u = _stop_counts(batch, stops, max_length)
+        d, u = stop_counts(batch, stops, max_length)
         doubled += d
         unstopped += u
     if doubled:
@@ -518,27 +502,6 @@ def _check_stops(batches: Any, tok: Any, max_length: int, rep: Report, n_first: 
         rep.problem("data", f"{unstopped} row(s) do not end with a trained stop token (EOS or the "
                     "chat template's end of turn); the model would not learn to stop")
     return stops, first
-
-
-def _stop_counts(batch: Any, stops: set[int], max_length: int) -> tuple[int, int]:
-    """(rows training a stop token before the end of a trained span, rows whose last trained
-    token is no stop and that were not cut at max_length) in a batch of rows that train."""
-    import numpy as np
-
-    col = batch.column("labels")
-    labels = col.flatten().to_numpy()
-    offsets = col.offsets.to_numpy() - col.offsets[0].as_py()
-    starts, lens = offsets[:-1], np.diff(offsets)
-    trained = labels != -100
-    nxt = np.zeros_like(trained)
-    nxt[:-1] = trained[1:]
-    nxt[offsets[1:] - 1] = False  # a row's last token ends its run
-    is_stop = np.isin(labels, list(stops))
-    early = np.add.reduceat((is_stop & trained & nxt).astype(np.int64), starts) > 0
-    pos = np.where(trained, np.arange(len(labels)), -1)
-    last = np.maximum.reduceat(pos, starts)
-    unstopped = ~early & ~np.isin(labels[last], list(stops)) & (lens < max_length)
-    return int(early.sum()), int(unstopped.sum())
 
 
 def _render(row: dict[str, list[int]], tok: Any, stops: set[int]) -> dict[str, Any]:

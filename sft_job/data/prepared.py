@@ -18,11 +18,12 @@ import shutil
 import time
 from array import array
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from sft_job.data.formats import Example
-from sft_job.data.stream import Source, examples_at, read_source
+from sft_job.data.stream import Source, examples_at, ordered_map, read_source
 from sft_job.data.tokenize import PACK_BATCH, TokenStats, pack_table, token_stats
 from sft_job.errors import DataError
 from sft_job.spec import DataSpec
@@ -30,7 +31,7 @@ from sft_job.spec import DataSpec
 log = logging.getLogger("sft_job.data")
 
 VERSION = 1  # of the files below: bump when the same inputs would give other rows
-PACK_ROWS = 50 * PACK_BATCH
+PACK_ROWS = 10 * PACK_BATCH  # rows a worker packs at once
 SAMPLE_EXAMPLES = 16  # first examples of each split kept in meta.json (before/after samples)
 FILES = ("train.arrow", "eval.arrow", "lengths.npy", "meta.json")
 
@@ -84,9 +85,10 @@ def prepare_dir(spec: DataSpec, tokenizer: Any, workdir: Path, out: Path, procs:
         raise DataError(f"{spec.train}: {problem}")
     stats = _stats(train, ev, t, e, spec)
     stats["train_rows_batched"] = write_rows(train.arrow, ~held & (train.trained > 0),
-                                             out / "train.arrow", spec.packing, spec.max_length)
+                                             out / "train.arrow", spec.packing, spec.max_length,
+                                             procs)
     write_rows(eval_src.arrow, in_eval & (eval_src.trained > 0), out / "eval.arrow",
-               spec.packing, spec.max_length)
+               spec.packing, spec.max_length, procs)
     np.save(out / "lengths.npy", np.asarray(t.lengths, dtype=np.int32))
     first = np.flatnonzero(~held)[:SAMPLE_EXAMPLES].tolist()
     first_eval = np.flatnonzero(in_eval)[:SAMPLE_EXAMPLES].tolist()
@@ -111,34 +113,45 @@ def prepare_dir(spec: DataSpec, tokenizer: Any, workdir: Path, out: Path, procs:
     return meta
 
 
-def write_rows(src: Path, keep: Any, dest: Path, packing: bool, max_length: int) -> int:
+def write_rows(src: Path, keep: Any, dest: Path, packing: bool, max_length: int,
+               procs: int = 1) -> int:
     """Copy the rows of the Arrow file `src` where `keep` is true into `dest`, packed when
-    `packing` (PACK_ROWS at a time); returns the rows written."""
+    `packing` (blocks of PACK_ROWS rows, packed by `procs` worker processes); returns the rows
+    written."""
     import pyarrow as pa
 
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))]
                        + ([("seq_lengths", pa.list_(pa.int32()))] if packing else []))
-    written, buf = 0, []
+    if int(keep.sum()) <= PACK_ROWS:
+        procs = 1  # one block: no pool to start
+    written = 0
     with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        def put(table: Any) -> None:
-            nonlocal written
-            for batch in table.cast(schema).to_batches(max_chunksize=PACK_BATCH):
-                writer.write_batch(batch)
-            written += table.num_rows
-
-        for batch in kept_batches(src, keep):
-            buf.append(batch)
-            if not packing:
-                put(pa.Table.from_batches(buf))
-                buf = []
-            elif sum(b.num_rows for b in buf) >= PACK_ROWS:
-                table = pa.Table.from_batches(buf)
-                put(pack_table(table.slice(0, PACK_ROWS), max_length))
-                buf = table.slice(PACK_ROWS).to_batches()
-        if buf:
-            table = pa.Table.from_batches(buf)
-            put(pack_table(table, max_length) if packing else table)
+        blocks = _blocks(kept_batches(src, keep), PACK_ROWS if packing else PACK_BATCH)
+        jobs = ((table, max_length) for table in blocks)
+        with closing(ordered_map(pack_table, jobs, procs) if packing
+                     else (t for t, _ in jobs)) as tables:
+            for table in tables:
+                for batch in table.cast(schema).to_batches(max_chunksize=PACK_BATCH):
+                    writer.write_batch(batch)
+                written += table.num_rows
     return written
+
+
+def _blocks(batches: Any, rows: int) -> Any:
+    """pyarrow Tables of exactly `rows` rows (the last one shorter) from record batches."""
+    import pyarrow as pa
+
+    buf, n = [], 0
+    for batch in batches:
+        buf.append(batch)
+        n += batch.num_rows
+        while n >= rows:
+            table = pa.Table.from_batches(buf)
+            yield table.slice(0, rows)
+            rest = table.slice(rows)
+            buf, n = rest.to_batches(), rest.num_rows
+    if n:
+        yield pa.Table.from_batches(buf)
 
 
 def kept_batches(src: Path, keep: Any) -> Any:
@@ -163,6 +176,44 @@ def all_truncated(stats: TokenStats, fmt: str, max_length: int) -> str | None:
     return (f"every row is longer than data.max_length={max_length} tokens (the shortest has "
             f"{min(stats.raw_lengths)}): each would be cut before its EOS and the model would "
             "never learn to stop; raise data.max_length")
+
+
+def length_facts(lengths: Any) -> dict[str, Any]:
+    """min / median / p95 / max of token lengths, as `statistics` computes them (median and
+    the 'exclusive' quantile method), from a sorted numpy array."""
+    import numpy as np
+
+    s = np.sort(lengths)
+    n = len(s)
+    median = int(s[n // 2]) if n % 2 else (int(s[n // 2 - 1]) + int(s[n // 2])) / 2
+    if n > 1:
+        j = min(max(19 * (n + 1) // 20, 1), n - 1)
+        delta = 19 * (n + 1) - j * 20
+        p95 = (int(s[j - 1]) * (20 - delta) + int(s[j]) * delta) / 20
+    else:
+        p95 = int(s[0])
+    return {"min": int(s[0]), "median": median, "p95": round(p95, 1), "max": int(s[-1])}
+
+
+def stop_counts(batch: Any, stops: set[int], max_length: int) -> tuple[int, int]:
+    """(rows training a stop token before the end of a trained span, rows whose last trained
+    token is no stop and that were not cut at max_length) in a batch of rows that train."""
+    import numpy as np
+
+    col = batch.column("labels")
+    labels = col.flatten().to_numpy()
+    offsets = col.offsets.to_numpy() - col.offsets[0].as_py()
+    starts, lens = offsets[:-1], np.diff(offsets)
+    trained = labels != -100
+    nxt = np.zeros_like(trained)
+    nxt[:-1] = trained[1:]
+    nxt[offsets[1:] - 1] = False  # a row's last token ends its run
+    is_stop = np.isin(labels, list(stops))
+    early = np.add.reduceat((is_stop & trained & nxt).astype(np.int64), starts) > 0
+    pos = np.where(trained, np.arange(len(labels)), -1)
+    last = np.maximum.reduceat(pos, starts)
+    unstopped = ~early & ~np.isin(labels[last], list(stops)) & (lens < max_length)
+    return int(early.sum()), int(unstopped.sum())
 
 
 def _stats(train: Source, ev: Source | None, t: TokenStats, e: TokenStats, spec: DataSpec

@@ -230,20 +230,27 @@ def _chunks(items: Iterable[Record | Malformed], head: int | None
 
 def _parts(ctx: _Ctx, jobs: Iterator[tuple[list[Record | Malformed], bool]], procs: int
            ) -> Iterator[_Part]:
-    """Each chunk's result, in order: here, or from `procs` forked workers with a bounded
-    number of chunks in flight (memory stays a few chunks, whatever the source's size)."""
+    """Each chunk's result, in order (see ordered_map)."""
     global _CTX
     _CTX = ctx
+    return ordered_map(_work, jobs, procs)
+
+
+def ordered_map(fn: Callable[..., Any], jobs: Iterable[tuple[Any, ...]], procs: int
+                ) -> Iterator[Any]:
+    """fn(*job) for each job, in order: here, or in `procs` forked worker processes with a
+    bounded number of jobs in flight (memory stays a few jobs, whatever the number of jobs).
+    Close the iterator to stop early: the workers are terminated."""
     if procs <= 1:
-        for chunk, keep in jobs:
-            yield _work(chunk, keep)
+        for job in jobs:
+            yield fn(*job)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker
     pool = multiprocessing.get_context("fork").Pool(procs, initializer=_child_init)
     try:
         pending: deque[Any] = deque()
-        for chunk, keep in jobs:
-            pending.append(pool.apply_async(_work, (chunk, keep)))
+        for job in jobs:
+            pending.append(pool.apply_async(fn, job))
             if len(pending) >= 2 * procs:
                 yield pending.popleft().get()
         while pending:
@@ -269,12 +276,14 @@ def _work(chunk: list[Record | Malformed], keep: bool) -> _Part:
     ctx = _CTX
     assert ctx is not None
     examples, read_bad, row_bad, ok = [], [], [], []
+    specials = formats.special_tokens(ctx.tokenizer)  # once per chunk, not twice per row
     for i, item in enumerate(chunk):
         if isinstance(item, Malformed):
             read_bad.append(item)
             continue
         try:
-            examples.append(formats.to_example(item, ctx.fmt, ctx.spec, ctx.tokenizer))
+            examples.append(formats.to_example(item, ctx.fmt, ctx.spec, ctx.tokenizer,
+                                               specials))
             ok.append(i)
         except RowError as e:
             row_bad.append(Malformed(item.source, str(e)))

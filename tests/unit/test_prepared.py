@@ -429,7 +429,7 @@ def test_length_facts_are_the_statistics_modules() -> None:
 
     import numpy as np
 
-    from sft_job.preflight import _length_facts
+    from sft_job.data.prepared import length_facts
 
     rng = random.Random(3)
     for n in [1, 2, 3, 4, 5, 19, 20, 21, 39, 40, 41, 100, 1001]:
@@ -437,7 +437,7 @@ def test_length_facts_are_the_statistics_modules() -> None:
         q = statistics.quantiles(xs, n=20) if n > 1 else [xs[0]] * 19
         want = {"min": min(xs), "median": statistics.median(xs), "p95": round(q[18], 1),
                 "max": max(xs)}
-        assert _length_facts(np.array(xs, dtype=np.int32)) == want, n
+        assert length_facts(np.array(xs, dtype=np.int32)) == want, n
 
 
 def test_stop_counts_match_the_per_row_rule() -> None:
@@ -447,7 +447,7 @@ def test_stop_counts_match_the_per_row_rule() -> None:
 
     import pyarrow as pa
 
-    from sft_job.preflight import _stop_counts
+    from sft_job.data.prepared import stop_counts
 
     rng = random.Random(5)
     stops = {3, 4}
@@ -474,9 +474,9 @@ def test_stop_counts_match_the_per_row_rule() -> None:
     for max_length in (6, 100):
         want = [sum(x) for x in zip(*(by_row(r, max_length) for r in rows), strict=True)]
         batch = pa.RecordBatch.from_pylist([{"labels": r} for r in rows])
-        assert list(_stop_counts(batch.slice(0, 400), stops, max_length)) == want
+        assert list(stop_counts(batch.slice(0, 400), stops, max_length)) == want
         # a slice of a batch (offsets not starting at 0), as filtering gives
-        assert list(_stop_counts(batch.slice(100, 50), stops, max_length)) == [
+        assert list(stop_counts(batch.slice(100, 50), stops, max_length)) == [
             sum(x) for x in zip(*(by_row(r, max_length) for r in rows[100:150]), strict=True)]
 
 
