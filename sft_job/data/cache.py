@@ -147,25 +147,27 @@ def _prepare(spec: DataSpec, tokenizer: Any, workdir: Path, uri: str, local: Pat
         meta = prepare_dir(spec, tokenizer, workdir, tmp, procs, stop)
         meta["key"] = local.name
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _install(tmp, local)
+        ours = _install(tmp, local)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    storage.put_dir(local, str(local), commit=True)  # the marker (a local cache: the commit)
-    if remote:
+    if ours:
+        storage.put_dir(local, str(local), commit=True)  # the marker (a local cache: the commit)
+    if remote and not storage.is_committed(uri):  # (another job may have committed it meanwhile)
         storage.put_dir(local, uri, commit=True)
     log.info("data: prepared in %.1fs and committed to %s", time.perf_counter() - t0, uri)
     return Entry(local, uri, _meta(local), prepared_here=True)
 
 
-def _install(tmp: Path, local: Path) -> None:
-    """Move a finished folder into place; a folder already there without a valid commit is
-    replaced, one that another process committed meanwhile is kept."""
+def _install(tmp: Path, local: Path) -> bool:
+    """Move a finished folder into place (True); a folder already there without a valid
+    commit is replaced, one that another process committed meanwhile is kept (False)."""
     if local.exists():
-        if (local / COMMIT_MARKER).is_file() and _problem(local, local.name) is None:
-            return
+        if _problem(local, local.name) is None:
+            return False
         storage.delete_prefix(str(local))
     local.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, local)
+    return True
 
 
 def _found(local: Path, uri: str) -> Entry:

@@ -26,7 +26,7 @@ from typing import Any
 from sft_job.data import formats, load
 from sft_job.data.formats import Example, RowError
 from sft_job.data.load import Malformed, Record
-from sft_job.errors import DataError
+from sft_job.errors import DataError, TransientError
 from sft_job.spec import DataSpec
 
 log = logging.getLogger(__name__)
@@ -240,25 +240,31 @@ def ordered_map(fn: Callable[..., Any], jobs: Iterable[tuple[Any, ...]], procs: 
                 ) -> Iterator[Any]:
     """fn(*job) for each job, in order: here, or in `procs` forked worker processes with a
     bounded number of jobs in flight (memory stays a few jobs, whatever the number of jobs).
-    Close the iterator to stop early: the workers are terminated."""
+    Close the iterator to stop early. A worker that dies (killed, out of memory) is an error,
+    never a hang."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     if procs <= 1:
         for job in jobs:
             yield fn(*job)
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker
-    pool = multiprocessing.get_context("fork").Pool(procs, initializer=_child_init)
+    pool = ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_child_init)
     try:
         pending: deque[Any] = deque()
         for job in jobs:
-            pending.append(pool.apply_async(fn, job))
+            pending.append(pool.submit(fn, *job))
             if len(pending) >= 2 * procs:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
-        pool.close()
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise TransientError("a data worker process died (killed, or out of memory?); set "
+                             "data.num_proc lower to use fewer, or rerun") from None
     finally:
-        pool.terminate()
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _child_init() -> None:

@@ -501,3 +501,21 @@ def test_writes_nothing_but_the_entry(tok: Any, tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [entry.name]
     assert sorted(p.name for p in entry.iterdir()) == sorted((*prepare_mod.FILES, "COMMITTED"))
 
+
+
+def _killed(x: int) -> int:
+    import os
+    import signal
+
+    if x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+    return x
+
+
+def test_worker_processes_keep_order_and_a_dead_one_is_an_error() -> None:
+    from sft_job.errors import TransientError
+
+    assert list(stream.ordered_map(_killed, [(i,) for i in range(10) if i != 3], 2)) == \
+        [i for i in range(10) if i != 3]
+    with pytest.raises(TransientError, match="data worker process died"):
+        list(stream.ordered_map(_killed, [(i,) for i in range(10)], 2))
