@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -406,6 +407,47 @@ def test_bucket_cache_prepared_by_rank_0_downloaded_by_other_nodes(
     assert [r.getMessage() for r in caplog.records
             if "ignoring" in r.getMessage()] == [f"data: ignoring the prepared data at {uri} "
                                                  "(no commit marker); preparing it again"]
+
+
+@pytest.mark.parametrize("where", ["s3", "gs", "hf"])
+def test_data_in_buckets_and_on_the_hub(where: str, s3: Any, tok: Any, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data read from S3, GCS or a Hub dataset repo gives the rows of the same file read
+    locally; a rerun on a fresh machine finds the entry by the objects' ETags / generations /
+    blob ids and downloads no data."""
+    from sft_job import storage
+
+    local = _spec(tmp_path)
+    want = build(local, tok, tmp_path / "local").train.to_list()
+    with _remote_data(where, s3, monkeypatch, tmp_path) as base:
+        uri = f"{base}/data/polite.jsonl"
+        storage.put_file(Path(local.train), uri)
+        spec = local.model_copy(update={"train": uri if where != "hf" else f"{base}/data"})
+        first = build(spec, tok, tmp_path / "w1")
+        assert first.train.to_list() == want and first.stats["prepared"]["here"]
+        with monkeypatch.context() as m:
+            _no_preparing(m)
+            again = build(spec, tok, tmp_path / "w2")
+        assert not again.stats["prepared"]["here"] and again.train.to_list() == want
+        assert not (tmp_path / "w2" / "data").exists()  # nothing downloaded
+
+
+@contextmanager
+def _remote_data(where: str, s3: Any, monkeypatch: pytest.MonkeyPatch, tmp: Path) -> Iterator[str]:
+    """A bucket (moto S3, the GCS emulator) or a Hub dataset repo (the fake Hub) for data."""
+    from tests.servers import gcs_server, hub_server, use_env
+
+    if where == "s3":
+        use_env(monkeypatch, s3.env)
+        yield "s3://prep"
+    elif where == "gs":
+        with gcs_server(["data"]) as gcs:
+            use_env(monkeypatch, gcs.env)
+            yield "gs://data"
+    else:
+        with hub_server() as hub:
+            use_env(monkeypatch, {**hub.env, "HF_HOME": str(tmp / "hf-home")})
+            yield "hf://datasets/org/polite"
 
 
 def test_missing_cache_bucket_is_exit_3_before_anything_is_written(s3: Any, sft_cache: Path,
