@@ -91,16 +91,12 @@ def read_source(uri: str, spec: DataSpec, tokenizer: Any | None, workdir: Path, 
     was read, so the count is complete) or are counted (skip). Without a tokenizer chat rows
     are checked and rendered with plain ChatML. `head`: examples kept (None: all).
     `check_stop` is called between chunks (it raises to abandon the source)."""
-    import numpy as np
-
     path = load.fetch(uri, workdir)
-    files = load.source_files(path)
     items = load.iter_records(path, max_rows=spec.max_samples)
-    first, items = _peek_records(items, 20)
-    if not first[1] and not first[0]:
+    (recs, bad), items = _peek_records(items, 20)
+    if not recs and not bad:
         raise DataError(f"{uri}: no rows")
-    rows = [r.row for r in first[0]]
-    fmt = fmt or _format(rows, spec, uri)
+    fmt = fmt or _format([r.row for r in recs], spec, uri)
     if tokenizer is None:
         tokenizer = formats.PlainChatML()
     elif fmt == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -108,12 +104,23 @@ def read_source(uri: str, spec: DataSpec, tokenizer: Any | None, workdir: Path, 
         tokenizer.chat_template = formats.CHATML_TEMPLATE
     template = formats.resolve_template(spec, tokenizer) \
         if fmt in ("alpaca", "prompt-response") else "model" if fmt == "chat" else "native"
-    src = Source(uri, fmt, template, files)
-    ctx = _Ctx(fmt, spec, tokenizer, arrow is not None)
-    if procs > 1 and sum(_size(f) for f in files) < POOL_MIN_BYTES:
+    src = Source(uri, fmt, template, load.source_files(path))
+    if procs > 1 and sum(_size(f) for f in src.files) < POOL_MIN_BYTES:
         procs = 1
     if procs > 1:
         log.info("data: reading %s with %d worker processes", uri, procs)
+    _read_all(src, _Ctx(fmt, spec, tokenizer, arrow is not None), items, procs, head,
+              keep_malformed, arrow, check_stop)
+    _check(src, spec)
+    return src
+
+
+def _read_all(src: Source, ctx: _Ctx, items: Iterator[Record | Malformed], procs: int,
+              head: int | None, keep_malformed: int | None, arrow: Path | None,
+              check_stop: Callable[[], None] | None) -> None:
+    """Every chunk through the workers, in order, into `src` (and the Arrow file)."""
+    import numpy as np
+
     hashes, raw, trained, read_bad, row_bad, places = [], [], [], [], [], []
     writer = _Writer(arrow) if arrow is not None else None
     try:
@@ -124,7 +131,7 @@ def read_source(uri: str, spec: DataSpec, tokenizer: Any | None, workdir: Path, 
                 _add(src, part, head, keep_malformed, read_bad, row_bad)
                 hashes.append(part.hashes)
                 places.append(part.ok.astype(np.int64) + k * CHUNK)
-                if part.enc is not None:
+                if part.enc is not None:  # None: tokenize-free, or no row of the chunk usable
                     raw.append(part.enc.raw_lengths)
                     trained.append(part.enc.trained())
                     writer.write(part.enc)
@@ -132,7 +139,6 @@ def read_source(uri: str, spec: DataSpec, tokenizer: Any | None, workdir: Path, 
         if writer is not None:
             writer.close()
     src.malformed = read_bad + row_bad
-    _check(src, spec)
     all_hashes = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
     src.duplicates = int(len(all_hashes) - len(np.unique(all_hashes)))
     src.items = np.concatenate(places) if places else np.zeros(0, dtype=np.int64)
@@ -140,7 +146,6 @@ def read_source(uri: str, spec: DataSpec, tokenizer: Any | None, workdir: Path, 
         src.arrow = arrow
         src.raw_lengths = np.concatenate(raw) if raw else np.zeros(0, dtype=np.int32)
         src.trained = np.concatenate(trained) if trained else np.zeros(0, dtype=np.int32)
-    return src
 
 
 def examples_at(src: Source, spec: DataSpec, tokenizer: Any, workdir: Path,

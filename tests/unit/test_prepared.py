@@ -536,6 +536,21 @@ def test_examples_past_the_kept_head_are_read_again(tok: Any, tmp_path: Path,
     assert b.train_examples == train[:prepare_mod.SAMPLE_EXAMPLES]
 
 
+def test_chunks_with_no_usable_row(tok: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole chunks of malformed rows (data.on_malformed: skip) in the middle of the data."""
+    monkeypatch.setattr(stream, "CHUNK", 4)
+    good = (SAMPLES / "polite.jsonl").read_text().splitlines()
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join(good[:10] + ['{"prompt": oops'] * 9 + ['{"q": 1}'] * 3 + good[10:])
+                    + "\n")
+    spec = _spec(tmp_path, train=str(data), on_malformed="skip")
+    b = build(spec, tok, tmp_path / "w")
+    assert b.stats["malformed"] == 12 and b.stats["train_examples"] + b.stats["eval_examples"] \
+        == len(good) - b.stats["dropped_prompt_too_long"]
+    want = reference_rows(spec, tok, tmp_path / "ref")
+    assert (b.train.to_list(), b.eval.to_list()) == (want["train"], want["eval"])
+
+
 def test_writes_nothing_but_the_entry(tok: Any, tmp_path: Path) -> None:
     spec = _spec(tmp_path)
     b = build(spec, tok, tmp_path / "w")
