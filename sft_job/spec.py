@@ -109,12 +109,12 @@ class DataSpec(Strict):
         "one prefix: a rerun, a resumed run and every rank load it instead of preparing again.",
     )
     cache_wait_minutes: float = Field(
-        60.0, gt=0, description="How long ranks that do not prepare the data wait for the "
-        "preparing rank to commit it (then exit 75)."
+        60.0, gt=0, le=10_080, description="How long ranks that do not prepare the data wait "
+        "for the preparing rank to commit it (then exit 75)."
     )
     num_proc: int | None = Field(
-        None, gt=0, description="Processes that read and tokenize the data when preparing it "
-        "(default: the CPUs of the machine)."
+        None, gt=0, le=1024, description="Processes that read and tokenize the data when "
+        "preparing it (default: the CPUs of the machine)."
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many rows.")
     seed: int = Field(42, **SEED, description="Seed of the train/eval split and of shuffling.")
