@@ -233,7 +233,8 @@ def part_a(args: argparse.Namespace, tmp: Path, on_gpu: bool) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(str(mdir))
     data = c.write_jsonl(tmp / "alpaca.jsonl", c.alpaca_rows(args.examples, seed=1, tokenizer=tok))
     spec = _spec(mdir, data, tmp / "o", args, "cuda" if on_gpu else "cpu")
-    rows = build_data(spec.data.model_copy(update={"packing": False}), tok, tmp / "prep").train
+    rows = build_data(spec.data.model_copy(update={"packing": False}), tok,
+                      tmp / "prep").train.to_list()
     res = {}
     for arm in ("seed", "ours"):
         print(f"  A: {arm} ...", flush=True)

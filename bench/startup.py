@@ -156,17 +156,17 @@ def _instrument(marks: dict[str, Any], split: bool) -> None:
     tr.build_trainer = build_trainer
     if not split:
         return
-    import sft_job.data as data
+    import sft_job.data.load as load
+    import sft_job.data.prepared as prepared
     import sft_job.finish.evaluate as ev
     import sft_job.models.load as ml
     import sft_job.spec as spec
 
     spec.load_spec = _timed(marks, "spec load + validation", spec.load_spec)
-    data.load.fetch = _timed(marks, "data fetch", data.load.fetch)
-    data.load.read = _timed(marks, "data read + format", data.load.read)
-    data._render = _timed(marks, "data read + format", data._render)
-    data.tokenize_all = _timed(marks, "tokenization", data.tokenize_all)
-    data.pack = _timed(marks, "packing (BFD)", data.pack)
+    load.fetch = _timed(marks, "data fetch", load.fetch)
+    prepared.read_source = _timed(marks, "data read + format + tokenization (streamed)",
+                                  prepared.read_source)
+    prepared.write_rows = _timed(marks, "split + packing (BFD)", prepared.write_rows)
     ml.resolve_model_dir = _timed(marks, "model fetch + tokenizer load", ml.resolve_model_dir)
     ml.load_tokenizer = _timed(marks, "model fetch + tokenizer load", ml.load_tokenizer)
     ml.load_model = _timed(marks, "model load", ml.load_model)

@@ -275,7 +275,7 @@ def prepare(args: argparse.Namespace, root: Path) -> tuple[Path, Path, Any, list
     c.write_jsonl(data / "eval.jsonl", c.alpaca_rows(args.eval_examples, seed=2, tokenizer=tok))
     spec = job_spec(mdir, data, root / "o", args, 42, packing=False, batch=BATCH)
     bundle = build_data(spec.data, tok, root / "prep")
-    train, ev = bundle.train, bundle.eval
+    train, ev = bundle.train.to_list(), bundle.eval.to_list()  # the seed arms take lists
     prompt = [sum(1 for x in r["labels"] if x == -100) for r in train]
     stats = c.length_stats(prompt, [len(r["input_ids"]) - p for r, p in zip(train, prompt,
                                                                           strict=True)])
@@ -299,7 +299,7 @@ def pretrained(mdir: Path, tok: Any, args: argparse.Namespace, root: Path) -> Pa
     c.write_jsonl(src / "train.jsonl", c.alpaca_rows(args.pretrain_examples, seed=3, tokenizer=tok))
     spec = job_spec(mdir, src, root / "po", args, 7, packing=False, batch=BATCH, train_on_prompt=True)
     rows = build_data(spec.data.model_copy(update={"eval": None, "eval_fraction": 0.0}), tok,
-                      root / "pprep").train
+                      root / "pprep").train.to_list()
     print(f"pre-training {mdir.name} on {len(rows)} examples (all tokens) ...", flush=True)
     r = train_seed(mdir, rows, root / "pretrain-run", args, 7, None, None)
     tmp = Path(tempfile.mkdtemp(prefix=".pre-", dir=mdir.parent))

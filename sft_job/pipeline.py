@@ -148,7 +148,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     if _is_main():
         # spec, storage access (a write probe of output.uri), model files and every data row,
         # without torch: a bad job fails in seconds, before any model is downloaded
-        fast_checks(spec, workdir=mine)
+        fast_checks(spec, workdir=mine, data_cache=spec.data_cache_uri())
         lease.acquire(spec)  # the output is this run's from here on (exit 2 if another's)
         if _already_done(spec, allow_changed):  # finished while we waited for the lease
             return {"already_done": True}
@@ -172,7 +172,9 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     _check_stop(stop, "the model download")
     log.info("job %s: backend %s (%s weights, attention %s), base %s, method %s", spec.name,
              backend.name, backend.dtype, backend.attn, spec.model.base, spec.method.kind)
-    bundle = build_data(spec.data, tokenizer, mine)
+    bundle = build_data(spec.data, tokenizer, mine, cache_uri=spec.data_cache_uri(),
+                        local_root=work / "prepared",
+                        check_stop=lambda: _check_stop(stop, "data preparation"))
     timings.mark("data")
     _check_stop(stop, "data preparation")
 
@@ -187,7 +189,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
 
     metrics_path = stage / "metrics" / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
-    run_state = ckpt.run_state(spec, bundle.files)
+    run_state = ckpt.run_state(spec, bundle.data_hash)
     topo = ckpt.Topology.from_env()
     resume = ckpt.find_resume(spec, mine, run_state, allow_changed, topo)
     if resume:
@@ -236,7 +238,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
         uploader.close()
     reporter.finishing()
     timings.mark("train")
-    bundle.stats["ranks"] = _gather_rank_facts(trainer.sft_job_collator)
+    bundle.stats["ranks"] = _gather_rank_facts(trainer.sft_job_collator, bundle)
 
     return _finish(spec, trainer, tokenizer, model_dir, bundle, pairs, before, train_out,
                    stage, timings, generate)
@@ -336,7 +338,7 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     return summary
 
 
-def _eval_before(trainer: Any, rows: list[dict[str, Any]], metrics_path: Path, stop: Any) -> None:
+def _eval_before(trainer: Any, rows: Any, metrics_path: Path, stop: Any) -> None:
     """Evaluate the untrained model (every rank) and record it in metrics.jsonl (rank 0), which
     checkpoints carry, so a resumed run still reports it."""
     import json
@@ -363,13 +365,16 @@ def _efficiency(ranks: list[dict[str, Any]]) -> float | None:
     return round(sum(r["tokens"] for r in ranks) / slots, 4) if slots else None
 
 
-def _gather_rank_facts(collator: Any) -> list[dict[str, Any]]:
-    """What each rank trained on (tokens, batches, first batch hash) and its peak memory."""
+def _gather_rank_facts(collator: Any, bundle: Any) -> list[dict[str, Any]]:
+    """What each rank trained on (tokens, batches, first batch hash), whether it prepared the
+    data or waited for it, and its peak memory."""
     from sft_job.train.trainer import peak_memory
 
+    prep = bundle.stats.get("prepared", {})
     mine = {"rank": _rank(), "tokens": collator.tokens, "slots": collator.slots,
-            "batches": collator.batches,
-            "first_batch_sha": collator.first_batch_sha, **peak_memory()}
+            "batches": collator.batches, "first_batch_sha": collator.first_batch_sha,
+            "prepared_data": prep.get("here"), "waited_for_data_s": prep.get("waited_s"),
+            **peak_memory()}
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

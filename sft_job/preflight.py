@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import uuid
@@ -127,12 +126,15 @@ def _probe_input(uri: str, label: str, rep: Report) -> None:
         rep.error(label, e)
 
 
-def fast_checks(spec: JobSpec, workdir: Path | None = None, probe_out: bool = True) -> Report:
+def fast_checks(spec: JobSpec, workdir: Path | None = None, probe_out: bool = True,
+                data_cache: str | None = None) -> Report:
     """The cheap checks, in seconds and without torch, a tokenizer or model weights: spec
     combinations, storage access (a write probe of output.uri when `probe_out`), the base
-    model's files, and every data row read and checked against its format. `sft-job run`
-    calls this first; raises PreflightFailed (exit 2/3/75) naming every problem on one line.
-    Downloads go under `workdir` (a temporary folder, removed, when None)."""
+    model's files, and every data row read and checked against its format (not when
+    `data_cache` holds data prepared from these files and data.* fields: they were read and
+    accepted then). `sft-job run` calls this first; raises PreflightFailed (exit 2/3/75)
+    naming every problem on one line. Downloads go under `workdir` (a temporary folder,
+    removed, when None)."""
     rep = Report()
     storage.configure(spec.output.s3_endpoint_url)
     for where, module, install in missing_packages(spec):  # this machine runs the job
@@ -140,7 +142,7 @@ def fast_checks(spec: JobSpec, workdir: Path | None = None, probe_out: bool = Tr
                     f"({install})")
     work = workdir or Path(tempfile.mkdtemp(prefix="sft-job-check-"))
     try:
-        _cheap_pass(spec, rep, work, probe_out)
+        _cheap_pass(spec, rep, work, probe_out, data_cache)
     finally:
         if workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -188,11 +190,28 @@ def preflight(spec: JobSpec, samples: int = 2, json_out: Path | None = None) -> 
     return rep
 
 
-def _cheap_pass(spec: JobSpec, rep: Report, work: Path, probe_out: bool) -> None:
+def _cheap_pass(spec: JobSpec, rep: Report, work: Path, probe_out: bool,
+                data_cache: str | None = None) -> None:
     _check_spec(spec, rep)
     _check_storage(spec, rep, probe_out)
     _check_model_files(spec, rep)
-    _scan_data(spec, rep, work)
+    if not (data_cache and not rep.problems and _prepared(spec, data_cache)):
+        _scan_data(spec, rep, work)
+
+
+def _prepared(spec: JobSpec, cache_uri: str) -> bool:
+    from sft_job.data.cache import committed_for_data
+
+    try:
+        found = committed_for_data(spec.data, cache_uri)
+    except SftJobError:
+        return False  # the row scan reports what is wrong with the data
+    if found:
+        import logging
+
+        logging.getLogger("sft_job").info("data: prepared from these files before (%s): "
+                                          "skipping the row scan", found)
+    return bool(found)
 
 
 def _check_spec(spec: JobSpec, rep: Report) -> None:
@@ -234,6 +253,16 @@ def _check_storage(spec: JobSpec, rep: Report, probe_out: bool = True) -> None:
         rep.facts.setdefault("credentials", {})["output.uri"] = probe_output(spec.output.uri)
     except SftJobError as e:
         rep.error("output.uri", e)
+    if spec.data.cache_uri:  # a shared prefix elsewhere: written to when the data is prepared
+        if spec.data.cache_uri.startswith("hf://"):
+            rep.problem("data.cache_uri", "the Hub cannot hold prepared data; use a path or a "
+                        "s3:// or gs:// prefix")
+            return
+        try:
+            rep.facts.setdefault("credentials", {})["data.cache_uri"] = \
+                probe_output(spec.data.cache_uri)
+        except SftJobError as e:
+            rep.error("data.cache_uri", e)
 
 
 def _check_model_files(spec: JobSpec, rep: Report) -> None:
@@ -308,33 +337,35 @@ def _check_bucket_model(uri: str) -> list[str]:
 
 def _scan_data(spec: JobSpec, rep: Report, work: Path) -> None:
     """Read every row of data.train (and data.eval, in train's format) and check it against
-    its format; tokenizer-free (chat rows are checked with plain ChatML)."""
-    from sft_job.data import prepare
+    its format; tokenizer-free (chat rows are checked with plain ChatML), streamed."""
+    from sft_job.data import _cpus
+    from sft_job.data.stream import read_source
 
     relaxed = spec.data.model_copy(update={"on_malformed": "skip"})
     fmt = None
     for label, uri in (("data.train", spec.data.train), ("data.eval", spec.data.eval)):
         if uri is None or rep.has(label):
             continue
-        try:
-            prep = prepare(uri, relaxed, None, work, fmt=fmt)  # run's data step reuses `work`
+        try:  # the run's data step reuses `work` (downloads)
+            src = read_source(uri, relaxed, None, work, fmt=fmt,
+                              procs=spec.data.num_proc or _cpus())
         except SftJobError as e:
             rep.error(label, e)
             continue
-        fmt = fmt or prep.format
+        fmt = fmt or src.format
         rep.facts["data" if label == "data.train" else "eval_data"] = {
-            "format": prep.format,
-            "files": [str(f) for f in prep.files],
-            "rows": len(prep.examples) + len(prep.malformed),
-            "usable": len(prep.examples),
-            "malformed": len(prep.malformed),
-            "malformed_examples": [f"{m.source}: {m.reason}" for m in prep.malformed[:5]],
-            "empty_responses": prep.empty_responses,
-            "duplicates": prep.duplicates,
+            "format": src.format,
+            "files": [str(f) for f in src.files],
+            "rows": src.examples + src.n_malformed,
+            "usable": src.examples,
+            "malformed": src.n_malformed,
+            "malformed_examples": [f"{m.source}: {m.reason}" for m in src.malformed[:5]],
+            "empty_responses": src.empty_responses,
+            "duplicates": src.duplicates,
         }
-        if prep.malformed and spec.data.on_malformed == "fail":
-            m = prep.malformed[0]
-            rep.problem(label, f"{len(prep.malformed)} malformed row(s), first {m.source}: "
+        if src.n_malformed and spec.data.on_malformed == "fail":
+            m = src.malformed[0]
+            rep.problem(label, f"{src.n_malformed} malformed row(s), first {m.source}: "
                         f"{m.reason} (fix them or set data.on_malformed: skip)", "data")
 
 
@@ -380,9 +411,13 @@ def _fetch_tokenizer_files(uri: str) -> Path:
 
 def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Path) -> None:
     """Token lengths, truncation, packing efficiency and samples, with the real tokenizer."""
-    from sft_job.data import all_truncated, prepare, split
+    import numpy as np
+
+    from sft_job.data import _cpus, all_truncated
     from sft_job.data.formats import CHATML_TEMPLATE
-    from sft_job.data.tokenize import slot_efficiency, tokenize_all
+    from sft_job.data.prepared import kept_batches, length_facts, split_mask
+    from sft_job.data.stream import read_source
+    from sft_job.data.tokenize import slot_efficiency, token_stats
 
     d = rep.facts["data"]
     from sft_job.data.formats import resolve_template
@@ -407,54 +442,58 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
                               "pad_is_eos": tok.pad_token_id == tok.eos_token_id,
                               "chat_template": template}
     relaxed = spec.data.model_copy(update={"on_malformed": "skip"})
-    try:
-        prep = prepare(spec.data.train, relaxed, tok, work, fmt=d["format"])
+    try:  # streamed and tokenized in batches, as the run's data step does
+        src = read_source(spec.data.train, relaxed, tok, work, fmt=d["format"],
+                          arrow=work / "validate" / "tokens.arrow",
+                          procs=spec.data.num_proc or _cpus())
     except SftJobError as e:
         rep.error("data.train", e)
         return
-    train_ex, _ = split(prep.examples, spec.data.eval_fraction, spec.data.seed) \
-        if spec.data.eval_fraction and len(prep.examples) > 1 else (prep.examples, [])
-    rows, st = tokenize_all(train_ex, tok, spec.data.max_length)
-    lengths = st.raw_lengths
-    if lengths:
-        q = statistics.quantiles(lengths, n=20) if len(lengths) > 1 else [lengths[0]] * 19
-        d["tokens"] = {"min": min(lengths), "median": statistics.median(lengths),
-                       "p95": round(q[18], 1), "max": max(lengths)}
+    held = split_mask(src.examples, spec.data.eval_fraction, spec.data.seed) \
+        if spec.data.eval_fraction and src.examples > 1 else None
+    train = np.ones(src.examples, dtype=bool) if held is None else ~held
+    st = token_stats(src.raw_lengths[train], src.trained[train], spec.data.max_length)
+    if len(st.raw_lengths):
+        d["tokens"] = length_facts(st.raw_lengths)
     d["truncated"] = st.truncated
     d["dropped_prompt_too_long"] = st.dropped_no_target
-    if not rows:
+    if not len(st.lengths):
         rep.problem("data.max_length", f"every row's prompt fills max_length="
                     f"{spec.data.max_length} tokens: nothing to train on; raise data.max_length",
                     "data")
         return
-    cut = all_truncated(st, prep.format, spec.data.max_length)
+    cut = all_truncated(st, src.format, spec.data.max_length)
     if cut:
         rep.problem("data.max_length", cut, "data")
     bs, ml = spec.train.batch_size, spec.data.max_length
     d["efficiency"] = {m: round(slot_efficiency(st.lengths, bs, ml, m), 4)
                        for m in ("packed", "longest", "max")}
-    stops = _check_stops(rows, tok, ml, rep)
-    d["samples"] = [_render(r, tok, stops) for r in rows[:n_samples]]
+    batches = kept_batches(src.arrow, train & (src.trained > 0))
+    stops, first = _check_stops(batches, tok, ml, rep, n_samples)
+    d["samples"] = [_render(r, tok, stops) for r in first]
 
 
-def _check_stops(rows: list[dict[str, list[int]]], tok: Any, max_length: int, rep: Report
-                 ) -> set[int]:
+def _check_stops(batches: Any, tok: Any, max_length: int, rep: Report, n_first: int
+                 ) -> tuple[set[int], list[dict[str, list[int]]]]:
     """Every trained span ends with exactly one stop token (EOS or the chat template's
     end-of-turn token) and nothing after it: `...<|im_end|>\\n<|im_end|>` is refused, as is a
-    row whose last reply has no stop (the model would not learn to stop)."""
+    row whose last reply has no stop (the model would not learn to stop). Reads the rows a
+    batch at a time; returns the stop ids and the first `n_first` rows."""
     from sft_job.data.formats import special_tokens
+    from sft_job.data.prepared import stop_counts
     from sft_job.models.gguf import END_OF_TURN
 
     specials = set(special_tokens(tok))
     stops = {tok.eos_token_id} | {tok.convert_tokens_to_ids(t) for t in (*END_OF_TURN, "</s>")
                                   if t in specials}
     unstopped = doubled = 0
-    for r in rows:
-        runs = _trained_runs(r["labels"])
-        if any(any(t in stops for t in run[:-1]) for run in runs):
-            doubled += 1
-        elif runs and runs[-1][-1] not in stops and len(r["input_ids"]) < max_length:
-            unstopped += 1
+    first: list[dict[str, list[int]]] = []
+    for batch in batches:
+        if len(first) < n_first:
+            first += batch.slice(0, n_first - len(first)).to_pylist()
+        d, u = stop_counts(batch, stops, max_length)
+        doubled += d
+        unstopped += u
     if doubled:
         rep.problem("data", f"{doubled} row(s) train tokens after a stop token (a trained span "
                     "holds an end-of-turn/EOS token before its end): the model would learn to "
@@ -462,19 +501,7 @@ def _check_stops(rows: list[dict[str, list[int]]], tok: Any, max_length: int, re
     if unstopped:
         rep.problem("data", f"{unstopped} row(s) do not end with a trained stop token (EOS or the "
                     "chat template's end of turn); the model would not learn to stop")
-    return stops
-
-
-def _trained_runs(labels: list[int]) -> list[list[int]]:
-    runs: list[list[int]] = []
-    prev = False
-    for lab in labels:
-        if lab != -100:
-            if not prev:
-                runs.append([])
-            runs[-1].append(lab)
-        prev = lab != -100
-    return runs
+    return stops, first
 
 
 def _render(row: dict[str, list[int]], tok: Any, stops: set[int]) -> dict[str, Any]:

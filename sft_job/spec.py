@@ -27,9 +27,12 @@ __all__ = ["JobSpec", "Strict", "TrainerSpec", "apply_override", "dump_spec",
 
 DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3-offload")
 BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-gpt2", "builtin:smollm2-135m")
-# Fields that change where metrics go, never the trained model: left out of the run hash and
-# of the resume check, so adding a tracker to a preempted run's spec still resumes it.
-RUN_NEUTRAL: dict[str, Any] = {"train": {"report_to"}}
+# data.* fields that say where and how data is prepared, never what the rows are
+DATA_HOW = ("cache_uri", "cache_wait_minutes", "num_proc")
+# Fields that change where metrics go or where data is prepared, never the trained model: left
+# out of the run hash and of the resume check, so adding a tracker to a preempted run's spec (or
+# moving its data cache) still resumes it.
+RUN_NEUTRAL: dict[str, Any] = {"train": {"report_to"}, "data": set(DATA_HOW)}
 
 
 class ModelSpec(Strict):
@@ -97,6 +100,21 @@ class DataSpec(Strict):
     )
     on_malformed: Literal["fail", "skip"] = Field(
         "fail", description="Malformed rows fail the job (default) or are skipped and counted."
+    )
+    cache_uri: Location | None = Field(
+        None,
+        description="Where prepared (tokenized, packed) data is kept and looked up: any path or "
+        "s3:// / gs:// URI (default <output.uri>/prepared/). Entries are keyed by the data files' "
+        "identities, the tokenizer and every data.* field that changes tokens, so runs may share "
+        "one prefix: a rerun, a resumed run and every rank load it instead of preparing again.",
+    )
+    cache_wait_minutes: float = Field(
+        60.0, gt=0, le=10_080, description="How long ranks that do not prepare the data wait "
+        "for the preparing rank to commit it (then exit 75)."
+    )
+    num_proc: int | None = Field(
+        None, gt=0, le=1024, description="Processes that read and tokenize the data when "
+        "preparing it (default: the CPUs of the machine)."
     )
     max_samples: int | None = Field(None, gt=0, description="Use at most this many rows.")
     seed: int = Field(42, **SEED, description="Seed of the train/eval split and of shuffling.")
@@ -251,6 +269,12 @@ class JobSpec(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def data_cache_uri(self) -> str:
+        """Where prepared data is cached: data.cache_uri, else <output.uri>/prepared."""
+        from sft_job.storage.base import join
+
+        return self.data.cache_uri or join(self.output.uri, "prepared")
 
     def run_hash(self) -> str:
         """Hash of the fields that change the trained model (not where outputs or metrics go)."""

@@ -370,11 +370,11 @@ def restore_metrics(resume_dir: Path, metrics_path: Path, step: int) -> None:
     metrics_path.write_text("".join(ln + "\n" for ln in lines))
 
 
-def run_state(spec: JobSpec, data_files: list[Path]) -> dict[str, Any]:
-    """What a checkpoint records about the run that made it."""
+def run_state(spec: JobSpec, data_files_hash: str) -> dict[str, Any]:
+    """What a checkpoint records about the run that made it (`data_hash` of its data files)."""
     from sft_job.spec import RUN_NEUTRAL
 
     d = spec.model_dump(mode="json", exclude=RUN_NEUTRAL)
     for k in ("output", "eval", "resources"):
         d.pop(k, None)
-    return {"spec_hash": spec.run_hash(), "data_hash": data_hash(data_files), "spec": d}
+    return {"spec_hash": spec.run_hash(), "data_hash": data_files_hash, "spec": d}

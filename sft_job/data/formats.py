@@ -215,12 +215,13 @@ def _messages(row: dict[str, Any], spec: DataSpec) -> list[dict[str, str]]:
     return out
 
 
-def _chat(msgs: list[dict[str, str]], tokenizer: Any) -> list[tuple[str, bool]]:
+def _chat(msgs: list[dict[str, str]], tokenizer: Any, specials: list[str] | None = None
+          ) -> list[tuple[str, bool]]:
     """Segments of a conversation rendered by the tokenizer's template: every assistant reply
     with its end-of-turn token trained, the rest masked, nothing after the last reply."""
     # a tokenizer without a chat template (GPT-2, GPT-Neo) gets ChatML
     template = None if getattr(tokenizer, "chat_template", None) else CHATML_TEMPLATE
-    specials = special_tokens(tokenizer)
+    specials = special_tokens(tokenizer) if specials is None else specials
 
     def render(ms: list[dict[str, str]], gen: bool) -> str:
         from jinja2 import TemplateError
@@ -288,13 +289,15 @@ def _as_messages(row: dict[str, Any], fmt: str, spec: DataSpec) -> list[dict[str
     return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 
-def to_example(rec: Record, fmt: str, spec: DataSpec, tokenizer: Any) -> Example:
-    """Render one record; raises RowError when the row does not fit `fmt`."""
+def to_example(rec: Record, fmt: str, spec: DataSpec, tokenizer: Any,
+               specials: list[str] | None = None) -> Example:
+    """Render one record; raises RowError when the row does not fit `fmt`. `specials`:
+    special_tokens(tokenizer), when the caller renders many rows with one tokenizer."""
     row = rec.row
     if fmt == "chat":
-        segs = _chat(_messages(row, spec), tokenizer)
+        segs = _chat(_messages(row, spec), tokenizer, specials)
     elif fmt in ("alpaca", "prompt-response") and resolve_template(spec, tokenizer) == "model":
-        segs = _chat(_as_messages(row, fmt, spec), tokenizer)
+        segs = _chat(_as_messages(row, fmt, spec), tokenizer, specials)
     elif fmt == "alpaca":
         segs = _alpaca(row, spec)
     elif fmt == "prompt-response":
@@ -308,7 +311,8 @@ def to_example(rec: Record, fmt: str, spec: DataSpec, tokenizer: Any) -> Example
     stop = False
     if fmt != "text" and last < len(segs):
         segs = segs[: last + 1]  # what a template adds after the last reply is never generated
-        stop = any(segs[-1][0].endswith(t) for t in special_tokens(tokenizer))
+        stop = any(segs[-1][0].endswith(t)
+                   for t in (special_tokens(tokenizer) if specials is None else specials))
     if spec.train_on_prompt:
         segs = [(t, True) for t, _ in segs]
     return Example(segs, prompt, rec.source, stop)

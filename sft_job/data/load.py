@@ -86,25 +86,37 @@ def is_hf_dataset_dir(path: Path) -> bool:
                               or (path / "dataset_dict.json").is_file())
 
 
-def read(path: Path, max_rows: int | None = None) -> ReadResult:
-    """Read every record under `path`, collecting malformed rows instead of failing."""
-    out = ReadResult()
+def source_files(path: Path) -> list[Path]:
+    """What `iter_records(path)` reads: the save_to_disk folder itself, or its data files."""
+    return [path] if is_hf_dataset_dir(path) else data_files(path)
+
+
+def iter_records(path: Path, max_rows: int | None = None) -> Iterator[Record | Malformed]:
+    """Every record under `path`, and each malformed row in its place, read as a stream (no
+    file is held in memory whole), stopping after `max_rows` records."""
+    n = 0
     if is_hf_dataset_dir(path):
-        out.files = [path]
         for i, row in enumerate(_read_hf_dir(path)):
-            out.records.append(Record(row, f"{path}:row {i}"))
-            if max_rows and len(out.records) >= max_rows:
-                break
-        return out
+            yield Record(row, f"{path}:row {i}")
+            n += 1
+            if max_rows and n >= max_rows:
+                return
+        return
     for f in data_files(path):
-        out.files.append(f)
         for item in _read_file(f):
-            if isinstance(item, Malformed):
-                out.malformed.append(item)
-            else:
-                out.records.append(item)
-            if max_rows and len(out.records) >= max_rows:
-                return out
+            yield item
+            if isinstance(item, Record):
+                n += 1
+                if max_rows and n >= max_rows:
+                    return
+
+
+def read(path: Path, max_rows: int | None = None) -> ReadResult:
+    """Read every record under `path` into lists, collecting malformed rows instead of failing
+    (small data: tests, `data convert`; the job streams with `iter_records`)."""
+    out = ReadResult(files=source_files(path))
+    for item in iter_records(path, max_rows):
+        (out.malformed if isinstance(item, Malformed) else out.records).append(item)
     return out
 
 
@@ -185,6 +197,9 @@ def _read_jsonl(path: Path) -> Iterator[Record | Malformed]:
 
 
 def _read_json(path: Path, head: bytes) -> Iterator[Record | Malformed]:
+    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        yield from _json_array(path)  # the common case, streamed: never the whole file at once
+        return
     text = _decode(path.read_bytes(), path)
     try:
         doc = json.loads(text)
@@ -194,8 +209,7 @@ def _read_json(path: Path, head: bytes) -> Iterator[Record | Malformed]:
         if text.lstrip().startswith("{") and "\n{" in text[:65536]:
             yield from _read_jsonl(path)  # JSON Lines saved as .json
             return
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                        "a JSON file must hold one array of objects (or use .jsonl)") from None
+        raise _json_error(path, e.lineno, e.msg, e.colno) from None
     if isinstance(doc, dict):
         lists = [v for v in doc.values() if isinstance(v, list)]
         if len(lists) == 1:
@@ -203,17 +217,123 @@ def _read_json(path: Path, head: bytes) -> Iterator[Record | Malformed]:
     if not isinstance(doc, list):
         raise DataError(f"{path}: expected a JSON array of objects, got {type(doc).__name__}")
     for i, row in enumerate(doc):
-        if isinstance(row, dict):
-            yield Record(row, f"{path}:item {i}")
+        yield _item(path, i, row)
+
+
+def _item(path: Path, i: int, row: Any) -> Record | Malformed:
+    if isinstance(row, dict):
+        return Record(row, f"{path}:item {i}")
+    return Malformed(f"{path}:item {i}", f"expected an object, got {type(row).__name__}")
+
+
+def _json_error(path: Path, line: int, msg: str, col: int) -> DataError:
+    return DataError(f"{path}:{line}: invalid JSON ({msg} at column {col}); "
+                     "a JSON file must hold one array of objects (or use .jsonl)")
+
+
+def _json_array(path: Path) -> Iterator[Record | Malformed]:
+    """The items of a file holding one JSON array, decoded one at a time from a sliding buffer."""
+    with _JsonText(path) as src:
+        src.expect("[")
+        if src.peek() == "]":
+            src.pos += 1
         else:
-            yield Malformed(f"{path}:item {i}", f"expected an object, got {type(row).__name__}")
+            i = 0
+            while True:
+                yield _item(path, i, src.value())
+                i += 1
+                c = src.peek()
+                src.pos += 1
+                if c == "]":
+                    break
+                if c != ",":
+                    raise src.error("Expecting ',' delimiter", src.pos - 1)
+        if src.peek():
+            raise src.error("Extra data", src.pos)
+
+
+class _JsonText:
+    """UTF-8 text of a file read in chunks, with a position; what is behind it is dropped."""
+
+    CHUNK = 1 << 22
+
+    def __init__(self, path: Path) -> None:
+        import codecs
+
+        self.path = path
+        self.f = path.open("rb")
+        self.dec = codecs.getincrementaldecoder("utf-8-sig")()
+        self.buf, self.pos, self.line0, self.eof = "", 0, 1, False
+        self.json = json.JSONDecoder()
+
+    def __enter__(self) -> _JsonText:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+    def more(self) -> bool:
+        """Append the next chunk; False at the end of the file."""
+        if self.eof:
+            return False
+        raw = self.f.read(self.CHUNK)
+        self.eof = not raw
+        self.line0 += self.buf.count("\n", 0, self.pos)
+        self.buf, self.pos = self.buf[self.pos:], 0
+        try:
+            self.buf += self.dec.decode(raw, final=self.eof)
+        except UnicodeDecodeError as e:
+            line = self.line0 + self.buf.count("\n") + raw.count(b"\n", 0, max(e.start, 0))
+            raise DataError(f"{self.path}:{line}: not UTF-8 (byte {raw[e.start:e.start + 1]!r}); "
+                            "re-encode the file as UTF-8") from None
+        return True
+
+    def peek(self) -> str:
+        """The next character that is not whitespace ('' at the end)."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf) or not self.more():
+                return self.buf[self.pos:self.pos + 1]
+
+    def expect(self, c: str) -> None:
+        if self.peek() != c:
+            raise self.error("Expecting value", self.pos)
+        self.pos += 1
+
+    def value(self) -> Any:
+        """The next JSON value; reads more while it runs past the buffer (up to the size limit
+        of one line in a .jsonl file)."""
+        self.peek()
+        while True:
+            try:
+                obj, end = self.json.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                raise DataError(f"{self.path}: invalid JSON (nested too deeply)") from None
+            except json.JSONDecodeError as e:
+                if len(self.buf) - self.pos > MAX_LINE_BYTES + self.CHUNK or not self.more():
+                    raise self.error(e.msg, e.pos) from None
+                continue
+            if end == len(self.buf) and self.more():  # a number may go on in the next chunk
+                continue
+            self.pos = end
+            return obj
+
+    def error(self, msg: str, at: int) -> DataError:
+        line = self.line0 + self.buf.count("\n", 0, at)
+        return _json_error(self.path, line, msg, at - self.buf.rfind("\n", 0, at))
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """Decoded lines of a text file, read one at a time (line breaks as str.splitlines)."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            yield from _decode(raw, path, str(lineno)).splitlines(keepends=True)
 
 
 def _read_csv(path: Path) -> Iterator[Record | Malformed]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    raw = path.read_bytes()
-    text = _decode(raw, path)
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    reader = csv.DictReader(_text_lines(path))
     try:
         if not reader.fieldnames:
             raise DataError(f"{path}: CSV has no header row")
@@ -230,13 +350,15 @@ def _read_csv(path: Path) -> Iterator[Record | Malformed]:
 def _read_parquet(path: Path) -> Iterator[Record | Malformed]:
     import pyarrow.parquet as pq
 
+    i = 0
     try:
-        table = pq.read_table(path)
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                yield Record(row, f"{path}:row {i}")
+                i += 1
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200]})") from None
-    for i, row in enumerate(table.to_pylist()):
-        yield Record(row, f"{path}:row {i}")
 
 
 def _read_hf_dir(path: Path) -> Iterator[dict[str, Any]]:

@@ -34,16 +34,16 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
     return outs
 
 
-def eval_loss(trainer: Any, rows: list[dict[str, Any]],
+def eval_loss(trainer: Any, rows: Any,
               should_stop: Callable[[], bool] | None = None) -> tuple[float | None, int]:
     """(loss per trained token, trained tokens) of the model over the eval rows: the sum of
     every trained token's loss over all batches and ranks, divided by their number. (The
     Trainer's own evaluate() averages per-batch means, which weighs a short batch's tokens more
     than a long one's.) Each rank takes rows rank::world, and every rank runs the same number
     of forward passes (ZeRO-3 gathers weights collectively), repeating its last batch with no
-    weight when it runs out. `should_stop` is asked between batches, collectively: the
-    evaluation is abandoned (None) when any rank says stop. On XLA (one process drives every
-    device) the process evaluates every row."""
+    weight when it runs out. `rows`: a list of row dicts or a datasets.Dataset. `should_stop`
+    is asked between batches, collectively: the evaluation is abandoned (None) when any rank
+    says stop. On XLA (one process drives every device) the process evaluates every row."""
     import torch
 
     from sft_job.checkpoint.preempt import agree
@@ -56,9 +56,10 @@ def eval_loss(trainer: Any, rows: list[dict[str, Any]],
         from sft_job.train.loss import token_nll
     dist = _dist()
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist else (1, 0)
-    mine = rows[rank::world]
+    n_rows = len(rows)
+    mine = range(rank, n_rows, world)
     bs = trainer.args.per_device_eval_batch_size
-    n_batches = -(-max(len(rows[r::world]) for r in range(world)) // bs)
+    n_batches = -(-max(len(range(r, n_rows, world)) for r in range(world)) // bs)
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)  # loss sum, tokens
@@ -69,11 +70,11 @@ def eval_loss(trainer: Any, rows: list[dict[str, Any]],
             if should_stop is not None and agree(should_stop()):
                 stopped = True
                 break
-            chunk = mine[i * bs:(i + 1) * bs]
+            chunk = [rows[j] for j in mine[i * bs:(i + 1) * bs]]  # a list or a Dataset
             if chunk:
                 batch = collate(chunk)
             if batch is None:  # this rank has no rows at all: it still joins every pass
-                batch = collate(rows[:1])
+                batch = collate([rows[0]])
             inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             if own_head:  # the training loss's own head: logits of trained positions only
                 nll, n = token_nll(model, inputs)

@@ -105,7 +105,6 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path) -> Any:
 def build_trainer(spec: JobSpec, backend: Backend, model: Any, tokenizer: Any,
                   bundle: DataBundle, output_dir: Path, callbacks: list[Any]) -> Any:
     """An SFTTrainer over pre-tokenized (and packed) rows."""
-    from datasets import Dataset
     from trl import SFTTrainer
 
     from sft_job.models.load import lora_config
@@ -114,13 +113,11 @@ def build_trainer(spec: JobSpec, backend: Backend, model: Any, tokenizer: Any,
     collator = CountingCollator(make_collator(
         tokenizer.pad_token_id, packing=spec.data.packing, flatten=flattens(model),
         pad_to_multiple_of=None if backend.name != "tpu" else spec.data.max_length))
-    train_ds = Dataset.from_list(bundle.train)
-    eval_ds = Dataset.from_list(bundle.eval) if bundle.eval else None
     trainer = SFTTrainer(
         model=model,
         args=config,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
+        train_dataset=bundle.train,  # memory-mapped Arrow (sft_job.data)
+        eval_dataset=bundle.eval if len(bundle.eval) else None,
         processing_class=tokenizer,
         data_collator=collator,
         peft_config=lora_config(spec.method, model),
@@ -194,7 +191,7 @@ def metrics_callback(path: Path, collator_ref: list[Any]) -> Any:
     return MetricsLogger()
 
 
-def evaluation_callback(trainer: Any, rows: list[dict[str, Any]], every: int | None,
+def evaluation_callback(trainer: Any, rows: Any, every: int | None,
                         stop: Any, first_at: int | None = None) -> Any:
     """A TrainerCallback evaluating (token-weighted, finish/evaluate.py) every `every` steps
     but the last (the finish evaluates that one) and logging `eval_loss` through the trainer,

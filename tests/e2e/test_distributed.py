@@ -70,7 +70,10 @@ def test_ddp_two_ranks_split_the_data(single: Path, sft_cache: Path, tmp_path: P
     res = _run(out, sft_cache, "train.batch_size=4", nproc=2)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "[rank 1]" not in res.stderr or "INFO [rank 1]" not in res.stderr  # rank 1 is quiet
-    _check_data_parallel(out, single)
+    s = _check_data_parallel(out, single)
+    # the data was prepared once, by rank 0; rank 1 waited for its commit and loaded it
+    assert [r["prepared_data"] for r in s["ranks"]] == [True, False]
+    assert res.stderr.count("data: preparing") == 1
     got, want = _losses(out), _losses(single)
     assert got == pytest.approx(want, rel=2e-3, abs=2e-3)
 
@@ -81,7 +84,10 @@ def test_deepspeed_two_ranks(stage: str, single: Path, sft_cache: Path, tmp_path
     res = _run(out, sft_cache, "train.batch_size=4", f"deepspeed={stage}", nproc=2,
                deepspeed=True)
     assert res.returncode == 0, res.stderr[-4000:]
-    _check_data_parallel(out, single)
+    s = _check_data_parallel(out, single)
+    # the data was prepared once, by rank 0; rank 1 waited for its commit and loaded it
+    assert [r["prepared_data"] for r in s["ranks"]] == [True, False]
+    assert res.stderr.count("data: preparing") == 1
     got, want = _losses(out), _losses(single)
     assert got == pytest.approx(want, rel=5e-3, abs=5e-3)
     # The adapter (gathered from the ZeRO partitions) merged into a plain safetensors model.

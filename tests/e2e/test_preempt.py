@@ -115,7 +115,7 @@ def baseline(s3: S3Server, sft_cache: Path, tmp_path_factory: pytest.TempPathFac
 
 def _finish_resumed(s3: S3Server, sft_cache: Path, prefix: str, workdir: Path,
                     baseline: Baseline, from_step: int, endpoint_env: dict[str, str] | None = None,
-                    sigterm_at: str | None = None) -> Job:
+                    sigterm_at: str | None = None, cached: bool = True) -> Job:
     """Rerun on a fresh work dir: it must resume at `from_step`, train only the remaining
     steps and end with the baseline's weights and loss sequence (with `sigterm_at`, a SIGTERM
     when that line is logged changes nothing)."""
@@ -129,6 +129,10 @@ def _finish_resumed(s3: S3Server, sft_cache: Path, prefix: str, workdir: Path,
     assert m, f"the rerun did not resume:\n{j.tail()}"
     assert (m.group(1), int(m.group(2))) == (step_uri(prefix, from_step), from_step)
     assert j.steps_logged() == list(range(from_step + 1, MAX_STEPS + 1))
+    # the rows came from the prepared data the first run committed to the bucket, not again
+    used = f"data: using the prepared data s3://{BUCKET}/{prefix}/prepared/"
+    assert not cached or (used in j.stderr and "data: preparing" not in j.stderr
+                          and "skipping the row scan" in j.stderr), j.tail()
     c = s3.client()
     assert final_weights(c, BUCKET, prefix) == baseline.weights, "final weights differ"
     assert loss_sequence(c, BUCKET, prefix) == baseline.losses
@@ -230,7 +234,7 @@ def test_resume_at_the_last_step(s3_env: S3Server, baseline: Baseline, sft_cache
         copy_prefix(c, BUCKET, f"baseline/checkpoints/step-{step:06d}",
                     f"{prefix}/checkpoints/step-{step:06d}")
     j = _finish_resumed(s3_env, sft_cache, prefix, tmp_path, baseline, MAX_STEPS,
-                        sigterm_at=r"merging the adapter")
+                        sigterm_at=r"merging the adapter", cached=False)  # checkpoints only
     assert "SIGTERM received" in j.stderr
     assert check_checkpoints(c, BUCKET, prefix) == ([MAX_STEPS - SAVE_EVERY, MAX_STEPS], [])
     assert "_SUCCESS" in list_objects(c, BUCKET, prefix)

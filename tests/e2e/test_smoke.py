@@ -24,6 +24,7 @@ SMOKE_FILES = {
     "metrics/COMMITTED", "metrics/metrics.jsonl", "metrics/summary.json", "metrics/loss.png",
     "metrics/samples.md",
 }
+PREPARED_FILES = {"COMMITTED", "train.arrow", "eval.arrow", "lengths.npy", "meta.json"}
 
 
 def _files(root: Path) -> set[str]:
@@ -41,7 +42,12 @@ def smoke_run(sft_cache: Path,
 def test_smoke_layout_and_summary(smoke_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     out, res = smoke_run
     assert res.returncode == 0, res.stderr[-3000:]
-    assert _files(out) == SMOKE_FILES
+    files = _files(out)
+    prepared = {f for f in files if f.startswith("prepared/")}
+    assert files - prepared == SMOKE_FILES
+    # one content-addressed entry of prepared data (data.cache_uri defaults to output.uri)
+    assert len({f.split("/")[1] for f in prepared}) == 1
+    assert {f.split("/", 2)[2] for f in prepared} == PREPARED_FILES
     summary = json.loads((out / "metrics/summary.json").read_text())
     assert summary["steps"] > 0 and summary["eval_loss"] is not None
     assert summary["merge_max_logit_diff"] < 1e-4

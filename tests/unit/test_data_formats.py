@@ -248,8 +248,13 @@ def test_plain_chatml_renders_exactly_like_the_jinja_template(gen: bool, spec_of
 
 
 def test_prepare_chat_with_tokenizer_without_template_uses_chatml(
-        write_jsonl: Callable, spec_of: Callable, tok_no_template: Any, tmp_path: Path) -> None:
-    p = prepare(str(write_jsonl(CHAT)), spec_of(format="chat"), tok_no_template, tmp_path)
+        write_jsonl: Callable, spec_of: Callable, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))  # preparing gives it ChatML
+    tok.chat_template = None
+    p = prepare(str(write_jsonl(CHAT)), spec_of(format="chat"), tok, tmp_path)
+    assert tok.chat_template
     assert text_of(p.examples[0]) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
                                       "Hello! How can I help?<|im_end|>")
 

@@ -243,3 +243,51 @@ def test_fetch_local_paths(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no such file"):
         fetch(str(tmp_path / "missing.jsonl"), tmp_path)
 
+
+
+# ------------------------------------------------------------------ a JSON array, streamed
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read JSON arrays 7 bytes at a time: every value crosses a chunk boundary."""
+    from sft_job.data import load
+
+    monkeypatch.setattr(load._JsonText, "CHUNK", 7)
+
+
+def test_json_array_streamed_across_chunks(tmp_path: Path, tiny_chunks: None) -> None:
+    rows = [*ROWS, {"prompt": "Wie spät? 東京 🙂", "response": "x" * 40, "n": 12345678901234}]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
+    res = read(path)
+    assert [r.row for r in res.records] == rows
+    assert [r.source for r in res.records] == [f"{path}:item {i}" for i in range(len(rows))]
+    path.write_text("[]")
+    assert read(path).records == []
+    path.write_text('[{"a": 1}, 7, {"b": 2}]')
+    res = read(path)
+    assert [r.row for r in res.records] == [{"a": 1}, {"b": 2}]
+    assert [(m.source, m.reason) for m in res.malformed] == [(f"{path}:item 1",
+                                                              "expected an object, got int")]
+
+
+@pytest.mark.parametrize(("text", "line", "what"), [
+    ('[\n  {"a": 1},\n  {"a": 2,,}\n]\n', 3, "Expecting property name"),
+    ('[\n  {"a": 1}\n  {"a": 2}\n]\n', 3, "Expecting ',' delimiter"),
+    ('[\n  {"a": 1}\n]\n]\n', 4, "Extra data"),
+    ('[\n  {"a": 1},\n', 3, "Expecting value"),
+])
+def test_json_array_errors_name_the_line(text: str, line: int, what: str, tmp_path: Path,
+                                         tiny_chunks: None) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=re.escape(f"{path}:{line}: invalid JSON ({what}")):
+        read(path)
+
+
+def test_json_array_non_utf8_names_the_line(tmp_path: Path, tiny_chunks: None) -> None:
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[\n{"a": "ok"},\n{"a": "caf\xe9"}\n]')
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: not UTF-8")):
+        read(path)

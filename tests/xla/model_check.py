@@ -87,7 +87,7 @@ def main() -> None:
     bundle = build(spec.data, tok, Path(tempfile.mkdtemp(prefix="model-check-")))
     collate = make_collator(tok.pad_token_id, packing=spec.data.packing, flatten=False,
                             pad_to_multiple_of=spec.data.max_length)
-    rows, b = bundle.eval, a.eval_batch
+    rows, b = bundle.eval.to_list(), a.eval_batch
     losses = []
     with torch.no_grad():
         for i in range(0, len(rows) - b + 1, b):  # full batches only, as with drop_last
