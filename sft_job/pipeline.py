@@ -184,6 +184,9 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     timings.mark("model_load")
     pairs = sample_prompts(spec.eval.prompts, bundle.eval_examples or bundle.train_examples,
                            spec.eval.num_samples, bundle.format, spec.data, tokenizer)
+    if pairs:
+        log.info("generating %d sample(s) from the base model (greedy, up to %d tokens each)",
+                 len(pairs), spec.eval.max_new_tokens)
     before = generate(model, tokenizer, [p for _, p in pairs], spec.eval.max_new_tokens)
     timings.mark("samples_before")
 
