@@ -81,10 +81,6 @@ def _user_config(path: Path, spec: JobSpec) -> dict[str, Any]:
     return cfg
 
 
-def stage(cfg: dict[str, Any] | None) -> int:
-    return int((cfg or {}).get("zero_optimization", {}).get("stage", 0))
-
-
 def prepare_cpu(backend_name: str) -> dict[str, Any]:
     """Extra SFTConfig fields for DeepSpeed on CPU (gloo), which is only for testing the ZeRO
     code path: it must be asked for with SFT_JOB_DEEPSPEED_ON_CPU=1."""
