@@ -28,6 +28,7 @@ from sft_job.checkpoint.uploader import Uploader
 from sft_job.errors import ModelError, Preempted, SftJobError, TrainingDiverged
 from sft_job.progress import Reporter
 from sft_job.spec import JobSpec, dump_spec
+from sft_job.topology import here
 from sft_job.train.guard import require_finite
 
 log = logging.getLogger("sft_job")
@@ -52,9 +53,9 @@ class Timings:
 def setup_logging() -> None:
     """Plain timestamped lines on stderr (rank-tagged when there are several ranks, and only
     rank 0 at INFO); quiet the libraries' own chatter."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    tag = f"[rank {_rank()}] " if world > 1 else ""
-    level = logging.INFO if _rank() == 0 else logging.WARNING
+    topo = here()
+    tag = f"[rank {topo.rank}] " if topo.distributed else ""
+    level = logging.INFO if topo.is_main else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {tag}%(message)s",
                         datefmt="%H:%M:%S", force=True)
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "urllib3", "botocore",
@@ -193,7 +194,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     metrics_path = stage / "metrics" / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
     run_state = ckpt.run_state(spec, bundle.data_hash)
-    topo = ckpt.Topology.from_env()
+    topo = here()
     resume = ckpt.find_resume(spec, mine, run_state, allow_changed, topo)
     if resume:
         ckpt.restore_metrics(resume.dir, metrics_path, resume.step)
@@ -388,11 +389,11 @@ def _gather_rank_facts(collator: Any, bundle: Any) -> list[dict[str, Any]]:
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return here().rank
 
 
 def _is_main() -> bool:
-    return _rank() == 0
+    return here().is_main
 
 
 def _end_distributed() -> None:

@@ -35,32 +35,12 @@ from sft_job.checkpoint import commit
 from sft_job.checkpoint.commit import step_name
 from sft_job.errors import EXIT_ACCESS, EXIT_BUG, EXIT_RETRY, Preempted, SftJobError, SpecError
 from sft_job.spec import JobSpec
+from sft_job.topology import Topology
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "sft_job_state.json"
 METRICS_FILE = "sft_job_metrics.jsonl"
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Where this process sits: global rank and world size, node and node count, local rank."""
-
-    rank: int = 0
-    world: int = 1
-    node: int = 0
-    nodes: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Topology:
-        """From the variables torch's elastic launcher sets (GROUP_RANK is the node)."""
-        env = os.environ
-        rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
-        local_world = max(1, int(env.get("LOCAL_WORLD_SIZE") or world))
-        return cls(rank, world, int(env.get("GROUP_RANK") or rank // local_world),
-                   int(env.get("GROUP_WORLD_SIZE") or max(1, world // local_world)),
-                   int(env.get("LOCAL_RANK", "0")))
 
 
 @dataclass(frozen=True)

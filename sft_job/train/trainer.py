@@ -15,6 +15,7 @@ from sft_job.data import DataBundle
 from sft_job.data.tokenize import make_collator
 from sft_job.errors import SpecError
 from sft_job.spec import JobSpec
+from sft_job.topology import here
 from sft_job.train import guard, trackers
 from sft_job.train.backends import Backend, flattens
 from sft_job.train.passthrough import check_settings
@@ -90,7 +91,7 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path) -> Any:
     if ds is not None:
         args["deepspeed"] = ds
         args.update(deepspeed.prepare_cpu(backend.name))
-    if backend.name == "cpu" and ds is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if backend.name == "cpu" and ds is None and here().distributed:
         args["ddp_backend"] = "gloo"  # use_cpu + gloo: real DDP, not N copies of the job
     args["logging_nan_inf_filter"] = False  # a NaN loss must show: the guard stops on it
     args.update(spec.trainer.fields_set())
