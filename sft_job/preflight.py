@@ -414,10 +414,10 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
     import numpy as np
 
     from sft_job.data import _cpus, all_truncated
-    from sft_job.data.formats import CHATML_TEMPLATE
     from sft_job.data.prepared import kept_batches, length_facts, split_mask
     from sft_job.data.stream import read_source
     from sft_job.data.tokenize import slot_efficiency, token_stats
+    from sft_job.models.chat import ensure_template
 
     d = rep.facts["data"]
     from sft_job.data.formats import resolve_template
@@ -437,7 +437,7 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
     if template.startswith("ChatML"):
         rep.warnings.append("the tokenizer has no chat template: chat rows are rendered with "
                             "ChatML (set model.chat_template to choose another)")
-        tok.chat_template = CHATML_TEMPLATE
+        ensure_template(tok, warn=False)  # as the run's data step does
     rep.facts["tokenizer"] = {"eos": tok.eos_token, "pad": tok.pad_token, "bos": tok.bos_token,
                               "pad_is_eos": tok.pad_token_id == tok.eos_token_id,
                               "chat_template": template}
@@ -481,7 +481,7 @@ def _check_stops(batches: Any, tok: Any, max_length: int, rep: Report, n_first: 
     batch at a time; returns the stop ids and the first `n_first` rows."""
     from sft_job.data.formats import special_tokens
     from sft_job.data.prepared import stop_counts
-    from sft_job.models.gguf import END_OF_TURN
+    from sft_job.models.chat import END_OF_TURN
 
     specials = set(special_tokens(tok))
     stops = {tok.eos_token_id} | {tok.convert_tokens_to_ids(t) for t in (*END_OF_TURN, "</s>")

@@ -185,7 +185,7 @@ def load_tokenizer(spec: ModelSpec, model_dir: Path, need_chat_template: bool) -
     """Tokenizer with a pad token and (for chat data) a chat template, ChatML when none."""
     from transformers import AutoTokenizer
 
-    from sft_job.data.formats import CHATML_TEMPLATE
+    from sft_job.models.chat import CHATML_TEMPLATE, ensure_template
 
     src = spec.tokenizer or str(model_dir)
     if spec.tokenizer and spec.tokenizer.startswith(("s3://", "gs://")):
@@ -207,9 +207,8 @@ def load_tokenizer(spec: ModelSpec, model_dir: Path, need_chat_template: bool) -
         tok.chat_template = CHATML_TEMPLATE
     elif spec.chat_template:
         tok.chat_template = spec.chat_template
-    elif need_chat_template and not tok.chat_template:
-        log.warning("tokenizer has no chat template: using ChatML")
-        tok.chat_template = CHATML_TEMPLATE
+    elif need_chat_template:
+        ensure_template(tok)
     return tok
 
 
