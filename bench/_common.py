@@ -327,7 +327,7 @@ def model_dir(preset: str) -> Path:
     from sft_job.storage.cache import cache_root
 
     if preset in REAL_MODELS:
-        from sft_job.models.load import resolve_model_dir
+        from sft_job.models.source import resolve_model_dir
 
         return resolve_model_dir(REAL_MODELS[preset])
 

@@ -56,7 +56,8 @@ def train_one(data: Path, work: Path, args: argparse.Namespace, arm: str, seed: 
     import torch
 
     from sft_job.data import build as build_data
-    from sft_job.models.load import load_model, load_tokenizer, resolve_model_dir
+    from sft_job.models.load import load_model, load_tokenizer
+    from sft_job.models.source import resolve_model_dir
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer, precision
 
@@ -156,7 +157,8 @@ def main() -> None:
     logging.getLogger("sft_job").setLevel(logging.WARNING)
     info = c.machine()
     c.print_machine(info)
-    from sft_job.models.load import load_tokenizer, resolve_model_dir
+    from sft_job.models.load import load_tokenizer
+    from sft_job.models.source import resolve_model_dir
     from sft_job.spec import ModelSpec
 
     mdir = resolve_model_dir(args.model, None)

@@ -27,7 +27,7 @@ from sft_job.checkpoint import sync as ckpt
 from sft_job.checkpoint.uploader import Uploader
 from sft_job.errors import ModelError, Preempted, SftJobError, TrainingDiverged
 from sft_job.progress import Reporter
-from sft_job.spec import JobSpec, dump_spec
+from sft_job.spec import JobSpec, dump_spec, validate_doc
 from sft_job.topology import here
 from sft_job.train.guard import require_finite
 
@@ -102,8 +102,8 @@ def _already_done(spec: JobSpec, allow_changed: bool) -> bool:
     if not storage.exists(storage.join(out_uri, SUCCESS)):
         return False
     try:
-        theirs = JobSpec.model_validate(yaml.safe_load(
-            storage.read_text(storage.join(out_uri, "job.yaml"))))
+        theirs = validate_doc(yaml.safe_load(storage.read_text(storage.join(out_uri, "job.yaml"))),
+                              "job.yaml")
     except (SftJobError, yaml.YAMLError, ValueError, TypeError):
         theirs = None  # no readable job.yaml (an older version's run): trust _SUCCESS
     if theirs is not None and theirs.run_hash() != spec.run_hash() and not allow_changed:
@@ -161,7 +161,8 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     # Imports of torch/transformers/trl happen from here on, after the cheap checks.
     from sft_job.data import build as build_data
     from sft_job.finish.evaluate import generate, sample_prompts
-    from sft_job.models.load import check_vocab, load_model, load_tokenizer, resolve_model_dir
+    from sft_job.models.load import check_vocab, load_model, load_tokenizer
+    from sft_job.models.source import resolve_model_dir
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer, evaluation_callback, metrics_callback
 
@@ -227,7 +228,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     if not resume and bundle.eval:  # the base model's loss, for before -> after
         _eval_before(trainer, bundle.eval, metrics_path, stop)
     try:
-        train_out = ckpt.train(trainer, resume, can_skip_final=spec.deepspeed == "none")
+        train_out = ckpt.train(trainer, resume, can_skip_final=not spec.deepspeed.enabled)
     except TrainingDiverged:
         if uploader is not None:  # the checkpoints before the divergence are good: commit
             with contextlib.suppress(SftJobError):

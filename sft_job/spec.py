@@ -9,23 +9,35 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sft_job import credentials
 from sft_job.errors import SpecError
-from sft_job.specbase import SEED, Location, Strict, endpoint_problem, hub_repo_problem
+from sft_job.specbase import (
+    SEED,
+    DeepSpeedField,
+    Location,
+    Strict,
+    endpoint_problem,
+    hub_repo_problem,
+)
 from sft_job.specyaml import MAX_SPEC_BYTES, interpolate_env, load_yaml
 from sft_job.train.passthrough import TrainerSpec, trainer_refusal
 
 __all__ = ["JobSpec", "Strict", "TrainerSpec", "apply_override", "dump_spec",
            "interpolate_env", "load_spec", "parse_spec"]
 
-DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3-offload")
 BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-gpt2", "builtin:smollm2-135m")
 # data.* fields that say where and how data is prepared, never what the rows are
 DATA_HOW = ("cache_uri", "cache_wait_minutes", "num_proc")
@@ -250,8 +262,8 @@ class JobSpec(Strict):
     backend: Literal["auto", "cuda", "tpu", "cpu"] = Field(
         "auto", description="Hardware: auto picks cuda, then tpu, then cpu."
     )
-    deepspeed: Annotated[str, Field(min_length=1)] = Field(
-        "none",
+    deepspeed: DeepSpeedField = Field(
+        "none", validate_default=True,
         description="DeepSpeed ZeRO: none | zero2 | zero3 | zero3-offload | path to a JSON config.",
     )
     output: OutputSpec
@@ -264,8 +276,10 @@ class JobSpec(Strict):
     )
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> JobSpec:
-        problems = combination_problems(self)
+    def _check_combinations(self, info: ValidationInfo) -> JobSpec:
+        # the one input from outside the spec, given by the loader (environment.py)
+        on_cpu = bool((info.context or {}).get("deepspeed_on_cpu"))
+        problems = combination_problems(self, on_cpu)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -285,21 +299,20 @@ class JobSpec(Strict):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def combination_problems(spec: JobSpec) -> list[str]:
-    """Combinations that cannot run, each naming its field and the fix."""
+def combination_problems(spec: JobSpec, deepspeed_on_cpu: bool = False) -> list[str]:
+    """Combinations that cannot run, each naming its field and the fix. `deepspeed_on_cpu`:
+    the testing switch that lets DeepSpeed run over gloo on CPU (environment.py)."""
     out: list[str] = []
     ds = spec.deepspeed
-    if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
-        out.append(f"deepspeed: '{ds}' is not one of {', '.join(DEEPSPEED_PRESETS)} or a .json path")
     if spec.method.kind == "qlora" and spec.backend == "tpu":
         out.append("method.kind: qlora needs bitsandbytes on a CUDA GPU or CPU, not backend: tpu; "
                    "use lora")
-    if ds != "none" and spec.backend == "tpu":
+    if ds.enabled and spec.backend == "tpu":
         out.append("deepspeed: DeepSpeed does not run on TPU; set deepspeed: none (TPU uses FSDPv2)")
-    if ds != "none" and spec.backend == "cpu" and os.environ.get("SFT_JOB_DEEPSPEED_ON_CPU") != "1":
+    if ds.enabled and spec.backend == "cpu" and not deepspeed_on_cpu:
         out.append("deepspeed: DeepSpeed is for GPUs; set deepspeed: none with backend: cpu "
                    "(multi-process CPU runs use DDP over gloo)")
-    if spec.method.kind == "qlora" and ds.startswith("zero3"):
+    if spec.method.kind == "qlora" and ds.stage == 3:
         out.append("deepspeed: ZeRO-3 cannot shard pre-quantized 4-bit weights; use zero2 or none "
                    "with method.kind: qlora")
     if spec.output.push_to_hub and spec.output.hub_push == "merged" and not spec.output.merge \
@@ -358,8 +371,16 @@ def parse_spec(text: str, source: str, overrides: list[str] | None = None) -> Jo
             f"{where}: holds the value of the credential variable {name}; credentials never go "
             "in a spec (it is written to job.yaml and the model card): the job reads them from "
             "the environment itself" for where, name in leaked))
+    return validate_doc(doc, source)
+
+
+def validate_doc(doc: Any, source: str) -> JobSpec:
+    """A JobSpec from a parsed document, or SpecError naming every problem (the DeepSpeed on
+    CPU testing switch comes from the environment: environment.py)."""
+    from sft_job.environment import deepspeed_on_cpu
+
     try:
-        return JobSpec.model_validate(doc)
+        return JobSpec.model_validate(doc, context={"deepspeed_on_cpu": deepspeed_on_cpu()})
     except ValidationError as e:
         raise SpecError(f"{source}: " + format_validation_error(e)) from None
 

@@ -153,7 +153,8 @@ def generate_cli(model_uri: str, prompts: list[str], max_new_tokens: int,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sft_job.data.formats import prompt_for
-    from sft_job.models.load import loading, resolve_model_dir
+    from sft_job.models.load import loading
+    from sft_job.models.source import resolve_model_dir
     from sft_job.pipeline import setup_logging
 
     setup_logging()

@@ -178,7 +178,8 @@ def merge_cli(base: str, adapter: str, out: str) -> None:
     from sft_job import storage
     from sft_job.data.load import fetch
     from sft_job.errors import SpecError
-    from sft_job.models.load import loading, resolve_model_dir
+    from sft_job.models.load import loading
+    from sft_job.models.source import resolve_model_dir
     from sft_job.storage.base import is_remote, overlap
 
     for a, b in ((out, base), (out, adapter)):

@@ -154,6 +154,16 @@ def packaged_file(kind: str) -> Path:
     return path
 
 
+def check_builtin(name: str) -> None:
+    """`name` is a builtin model, and a packaged one's file is installed (no building)."""
+    if name not in BUILTIN_MODELS:
+        raise SpecError(f"model.base: unknown builtin model '{name}' (choose "
+                        f"{', '.join(BUILTIN_MODELS)})")
+    kind = name.removeprefix("builtin:")
+    if kind in PACKAGED:
+        packaged_file(kind)
+
+
 def builtin_dir(name: str) -> Path:
     """The cache folder of a builtin model (may not exist yet)."""
     kind = name.removeprefix("builtin:")
