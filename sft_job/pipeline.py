@@ -27,7 +27,7 @@ from sft_job.checkpoint import sync as ckpt
 from sft_job.checkpoint.uploader import Uploader
 from sft_job.errors import ModelError, Preempted, SftJobError, TrainingDiverged
 from sft_job.progress import Reporter
-from sft_job.spec import JobSpec, dump_spec, validate_doc
+from sft_job.spec import JobSpec, changed_fields, dump_spec, validate_doc
 from sft_job.topology import here
 from sft_job.train.guard import require_finite
 
@@ -107,24 +107,12 @@ def _already_done(spec: JobSpec, allow_changed: bool) -> bool:
     except (SftJobError, yaml.YAMLError, ValueError, TypeError):
         theirs = None  # no readable job.yaml (an older version's run): trust _SUCCESS
     if theirs is not None and theirs.run_hash() != spec.run_hash() and not allow_changed:
-        changed = _changed(theirs.model_dump(mode="json"), spec.model_dump(mode="json"))
+        changed = changed_fields(theirs.result_fields(), spec.result_fields())
         raise SpecError(f"output.uri: {out_uri} holds the finished run of another spec "
                         f"({', '.join(changed) or 'spec'} differ); use a new output.uri "
                         "(--allow-changed accepts it as done)")
     log.info("%s/%s exists: this job is already done, nothing to do", out_uri, SUCCESS)
     return True
-
-
-def _changed(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The spec fields (section.key) that differ between two dumped specs, outputs aside."""
-    out = []
-    for sec in sorted((set(a) | set(b)) - {"output", "eval", "resources"}):
-        x, y = a.get(sec), b.get(sec)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += [f"{sec}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
-        elif x != y:
-            out.append(sec)
-    return out
 
 
 def _check_stop(stop: Any, phase: str) -> None:

@@ -43,8 +43,10 @@ BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-gpt2", "builtin:smollm2-13
 DATA_HOW = ("cache_uri", "cache_wait_minutes", "num_proc")
 # Fields that change where metrics go or where data is prepared, never the trained model: left
 # out of the run hash and of the resume check, so adding a tracker to a preempted run's spec (or
-# moving its data cache) still resumes it.
-RUN_NEUTRAL: dict[str, Any] = {"train": {"report_to"}, "data": set(DATA_HOW)}
+# moving its data cache) still resumes it. Sections left out whole: where outputs go, samples,
+# resource hints.
+RUN_NEUTRAL: dict[str, Any] = {"train": {"report_to"}, "data": set(DATA_HOW),
+                               "output": True, "eval": True, "resources": True}
 
 
 class ModelSpec(Strict):
@@ -290,13 +292,29 @@ class JobSpec(Strict):
 
         return self.data.cache_uri or join(self.output.uri, "prepared")
 
+    def training_fields(self) -> dict[str, Any]:
+        """The fields that change the trained weights (RUN_NEUTRAL left out): a checkpoint
+        made with others is another run's (checkpoint/sync.py refuses to resume from it)."""
+        return self.model_dump(mode="json", exclude=RUN_NEUTRAL)
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that change what the run publishes: the training fields and
+        output.merge (whether model/ holds the merged model). A finished run is this spec's
+        only when they are equal (pipeline's done check); `run_hash` hashes them."""
+        return {**self.training_fields(), "output": {"merge": self.output.merge}}
+
     def run_hash(self) -> str:
-        """Hash of the fields that change the trained model (not where outputs or metrics go)."""
-        d = self.model_dump(mode="json", exclude=RUN_NEUTRAL)
-        d["output"] = {k: d["output"][k] for k in ("merge",)}
-        d.pop("eval", None)
-        d.pop("resources", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of `result_fields` (not where outputs or metrics go)."""
+        return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()
+                              ).hexdigest()[:16]
+
+
+def changed_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted fields that differ between two dumped specs (or parts of them)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b))
+                for d in changed_fields(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if a != b else []
 
 
 def combination_problems(spec: JobSpec, deepspeed_on_cpu: bool = False) -> list[str]:

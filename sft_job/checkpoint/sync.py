@@ -34,7 +34,7 @@ from sft_job import storage
 from sft_job.checkpoint import commit
 from sft_job.checkpoint.commit import step_name
 from sft_job.errors import EXIT_ACCESS, EXIT_BUG, EXIT_RETRY, Preempted, SftJobError, SpecError
-from sft_job.spec import JobSpec
+from sft_job.spec import JobSpec, changed_fields
 from sft_job.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -305,15 +305,8 @@ def _changed_fields(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     if saved.get("data_hash") and saved["data_hash"] != now["data_hash"]:
         out.append("data files")
     old, new = saved.get("spec", {}), now["spec"]
-    out += [f"spec {k}" for k in _diff(old, new)]
+    out += [f"spec {k}" for k in changed_fields(old, new)]
     return out
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = sorted(set(a) | set(b))
-        return [d for k in keys for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [prefix.rstrip(".")] if a != b else []
 
 
 def is_final(resume_dir: Path) -> bool:
@@ -351,10 +344,7 @@ def restore_metrics(resume_dir: Path, metrics_path: Path, step: int) -> None:
 
 
 def run_state(spec: JobSpec, data_files_hash: str) -> dict[str, Any]:
-    """What a checkpoint records about the run that made it (`data_hash` of its data files)."""
-    from sft_job.spec import RUN_NEUTRAL
-
-    d = spec.model_dump(mode="json", exclude=RUN_NEUTRAL)
-    for k in ("output", "eval", "resources"):
-        d.pop(k, None)
-    return {"spec_hash": spec.run_hash(), "data_hash": data_files_hash, "spec": d}
+    """What a checkpoint records about the run that made it (`data_hash` of its data files):
+    a resume compares the training fields (spec.training_fields); output.merge may change."""
+    return {"spec_hash": spec.run_hash(), "data_hash": data_files_hash,
+            "spec": spec.training_fields()}

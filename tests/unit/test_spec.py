@@ -295,6 +295,19 @@ def test_run_hash_ignores_where_outputs_go_but_not_training() -> None:
         assert parse(doc(), [o]).run_hash() != a.run_hash(), o
 
 
+def test_output_merge_changes_the_published_result_not_the_training() -> None:
+    """One definition for both checks: a resume (training fields) accepts a changed
+    output.merge; the done check and run_hash (result fields) do not."""
+    from sft_job.spec import changed_fields
+
+    a, b = parse(doc()), parse(doc(), ["output.merge=false"])
+    assert a.training_fields() == b.training_fields()
+    assert a.run_hash() != b.run_hash()
+    assert changed_fields(a.result_fields(), b.result_fields()) == ["output.merge"]
+    c = parse(doc(), ["train.report_to=[tensorboard]"])  # run-neutral: neither
+    assert c.training_fields() == a.training_fields() and c.run_hash() == a.run_hash()
+
+
 def test_dump_spec_round_trip() -> None:
     spec = parse(doc(), ["method.target_modules=[q_proj]", "eval.prompts=['yes', 'a: b', '#x']",
                          "trainer.optim=adamw_torch", "data.eval_fraction=0.1"])
