@@ -259,7 +259,7 @@ def part_a(args: argparse.Namespace, tmp: Path, on_gpu: bool) -> dict[str, Any]:
 def part_b(args: argparse.Namespace, tmp: Path, on_gpu: bool) -> dict[str, Any]:
     from sft_job.data import build as build_data
     from sft_job.models.load import load_model, load_tokenizer
-    from sft_job.spec import load_spec
+    from sft_job.specload import load_spec
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer
 

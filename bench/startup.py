@@ -161,7 +161,7 @@ def _instrument(marks: dict[str, Any], split: bool) -> None:
     import sft_job.finish.evaluate as ev
     import sft_job.models.load as ml
     import sft_job.models.source as ms
-    import sft_job.spec as spec
+    import sft_job.specload as spec
 
     spec.load_spec = _timed(marks, "spec load + validation", spec.load_spec)
     load.fetch = _timed(marks, "data fetch", load.fetch)

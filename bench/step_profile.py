@@ -42,7 +42,7 @@ def build(args: argparse.Namespace, work: Path) -> Any:
     from sft_job.data import build as build_data
     from sft_job.models.load import load_model, load_tokenizer
     from sft_job.models.source import resolve_model_dir
-    from sft_job.spec import load_spec
+    from sft_job.specload import load_spec
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer
 

@@ -62,7 +62,7 @@ def run(
 ) -> None:
     """Run the job: fetch data and model, train, evaluate, merge, push. Exit codes: 0 done,
     2 bad spec/data, 3 storage access, 75 preempted or transient (retry)."""
-    from sft_job.spec import load_spec
+    from sft_job.specload import load_spec
     from sft_job.train.launch import launch, plan
 
     job = load_spec(spec, set_)
@@ -92,7 +92,7 @@ def validate(
 ) -> None:
     """Check the spec, storage access and data without training; exit 2 if the job would fail."""
     from sft_job.preflight import preflight
-    from sft_job.spec import load_spec
+    from sft_job.specload import load_spec
 
     job = load_spec(spec, set_)
     preflight(job, samples=samples, json_out=json_out)

@@ -27,7 +27,8 @@ from sft_job.checkpoint import sync as ckpt
 from sft_job.checkpoint.uploader import Uploader
 from sft_job.errors import ModelError, Preempted, SftJobError, TrainingDiverged
 from sft_job.progress import Reporter
-from sft_job.spec import JobSpec, changed_fields, dump_spec, validate_doc
+from sft_job.spec import JobSpec, changed_fields, dump_spec
+from sft_job.specload import validate_doc
 from sft_job.topology import here
 from sft_job.train.guard import require_finite
 

@@ -84,7 +84,7 @@ def test_output_uri_that_is_a_file_is_exit_3(tmp_path: Path, sft_cache: Path) ->
 
 
 def test_set_override_reaches_the_spec(tmp_path: Path) -> None:
-    from sft_job.spec import load_spec
+    from sft_job.specload import load_spec
 
     spec = load_spec(str(REPO / "jobs/smoke-cpu.yaml"), ["train.epochs=1", "data.packing=false",
                                                           f"output.uri={tmp_path}"])

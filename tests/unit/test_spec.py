@@ -10,14 +10,8 @@ import pytest
 import yaml
 
 from sft_job.errors import SpecError
-from sft_job.spec import (
-    JobSpec,
-    apply_override,
-    dump_spec,
-    interpolate_env,
-    load_spec,
-    parse_spec,
-)
+from sft_job.spec import JobSpec, dump_spec
+from sft_job.specload import apply_override, interpolate_env, load_spec, parse_spec
 
 BASE = {
     "name": "t",
