@@ -326,15 +326,17 @@ def one_run(i: int, args: argparse.Namespace, mdir: Path, data: Path, train: lis
     arms = args.arms
     order = arms[i % len(arms):] + arms[:i % len(arms)]  # rotate: slow spells hit every arm
     out: dict[str, dict[str, Any]] = {}
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
     for arm in order:
         work = root / f"run{i}-{arm}"
         print(f"  run {i + 1}: {arm} ...", flush=True)
-        with PeakRSS() as rss:
-            r = _arm(arm, i, args, mdir, data, train, work, seed, ours_batch)
-        r["peak_rss_gb"] = rss.peak_gb
-        if arm != "seed-512" or not args.max512_steps:
-            r["eval_resp"], r["eval_all"] = eval_losses(r["model"], ev, pad_id)
-        del r["model"], r["tok"]
+        # each arm in a fresh process: its peak RSS is its own (freed memory of an earlier arm
+        # stays in a process's heap), and no arm warms caches for the next
+        with spawn.Pool(1) as pool:
+            r = pool.apply(_arm_alone, (arm, i, args, mdir, data, train, ev, pad_id, work, seed,
+                                        ours_batch))
         r["tps_wall"], r["tps_cpu"] = r["tokens"] / r["wall"], r["tokens"] / r["cpu"]
         print(f"    {r['steps']} steps, {r['tokens']} useful tokens, {r['wall']:.1f} s wall, "
               f"{r['cpu']:.1f} s CPU: {r['tps_wall']:.1f} tok/s, {r['tps_cpu']:.1f} tok/CPU-s, "
@@ -348,28 +350,21 @@ def one_run(i: int, args: argparse.Namespace, mdir: Path, data: Path, train: lis
     return out
 
 
-class PeakRSS:
-    """The process's peak resident size while one arm trains, sampled every 20 ms (the arms
-    share a process, so its ru_maxrss would be the largest arm's for every later arm)."""
+def _arm_alone(arm: str, i: int, args: argparse.Namespace, mdir: Path, data: Path, train: list,
+               ev: list, pad_id: int, work: Path, seed: int, ours_batch: int) -> dict[str, Any]:
+    """One arm of one run in its own process: train, evaluate, and report the process's peak
+    resident size (what the arm costs, imports included: the same for every arm)."""
+    import resource
 
-    def __enter__(self) -> PeakRSS:
-        import threading
+    import torch
 
-        self.peak_gb = 0.0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._sample, daemon=True)
-        self._t.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            with open("/proc/self/status") as f:
-                kb = next(int(x.split()[1]) for x in f if x.startswith("VmRSS:"))
-            self.peak_gb = max(self.peak_gb, kb / 2**20)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._t.join()
+    torch.set_num_threads(args.threads)
+    r = _arm(arm, i, args, mdir, data, train, work, seed, ours_batch)
+    if arm != "seed-512" or not args.max512_steps:
+        r["eval_resp"], r["eval_all"] = eval_losses(r["model"], ev, pad_id)
+    del r["model"], r["tok"]
+    r["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return r
 
 
 def _arm(arm: str, i: int, args: argparse.Namespace, mdir: Path, data: Path, train: list,

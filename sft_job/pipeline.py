@@ -150,7 +150,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     # Imports of torch/transformers/trl happen from here on, after the cheap checks.
     from sft_job.data import build as build_data
     from sft_job.finish.evaluate import generate, sample_prompts
-    from sft_job.models.load import check_vocab, load_model, load_tokenizer
+    from sft_job.models.load import check_targets, check_vocab, load_model, load_tokenizer
     from sft_job.models.source import resolve_model_dir
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer, evaluation_callback, metrics_callback
@@ -163,16 +163,20 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     _check_stop(stop, "the model download")
     log.info("job %s: backend %s (%s weights, attention %s), base %s, method %s", spec.name,
              backend.name, backend.dtype, backend.attn, spec.model.base, spec.method.kind)
+    # the model before the data: a model that cannot be trained (architecture, weights, vocab,
+    # LoRA targets) stops the job before the prepared data is written under output.uri
+    model = load_model(spec.model, spec.method, model_dir, backend.torch_dtype(),
+                       model_attn(model_dir, backend.attn, spec.data.max_length))
+    check_vocab(spec.model, tokenizer, model)
+    if spec.method.kind != "full":
+        check_targets(spec.method, model)  # again when the trainer builds the LoRA config
+    timings.mark("model_load")
+    _check_stop(stop, "model loading")
     bundle = build_data(spec.data, tokenizer, mine, cache_uri=spec.data_cache_uri(),
                         local_root=work / "prepared",
                         check_stop=lambda: _check_stop(stop, "data preparation"))
     timings.mark("data")
     _check_stop(stop, "data preparation")
-
-    model = load_model(spec.model, spec.method, model_dir, backend.torch_dtype(),
-                       model_attn(model_dir, backend.attn, spec.data.max_length))
-    check_vocab(spec.model, tokenizer, model)
-    timings.mark("model_load")
     pairs = sample_prompts(spec.eval.prompts, bundle.eval_examples or bundle.train_examples,
                            spec.eval.num_samples, bundle.format, spec.data, tokenizer)
     if pairs:

@@ -94,7 +94,7 @@ class Reporter:
             if storage.list_keys(remote):
                 storage.get_dir(remote, self._tb_local)
         # trackers first: one that cannot start its run (no key...) stops the job before
-        # anything is written
+        # progress.json, job.yaml or a checkpoint is written
         self.trackers = Trackers(self.spec, self._tb_local)
         self.trackers.open(resume_step, prev.get("trackers") or {})
         if self.trackers.ids:

@@ -36,7 +36,8 @@ def _strict_json(line: str) -> dict:
 
 def test_divergence_stops_with_nothing_published(tmp_path: Path, sft_cache: Path) -> None:
     """SGD at lr 10 without clipping blows the tiny model up to NaN weights after a few steps
-    (deterministic on CPU): exit 2 naming the step, no model/adapter/_SUCCESS/_LEASE, the
+    (deterministic on CPU): exit 2 naming the step, no model/adapter/_SUCCESS/_LEASE (progress.json
+    says failed), the
     checkpoints committed before it finite, every metrics line strict JSON."""
     from safetensors.torch import load_file
 
@@ -48,7 +49,10 @@ def test_divergence_stops_with_nothing_published(tmp_path: Path, sft_cache: Path
     assert last.startswith("error: train: training diverged at step"), last
     assert "nothing was published" in last and "Traceback" not in r.stderr
     names = {p.name for p in out.iterdir()}
-    assert names == {"job.yaml", "checkpoints"}, names
+    # the spec, the checkpoints before it, the prepared data (a rerun reuses it) and the status
+    assert names == {"job.yaml", "checkpoints", "prepared", "progress.json"}, names
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["phase"] == "failed" and progress["exit_code"] == 2, progress
     committed = sorted(p for p in (out / "checkpoints").iterdir() if (p / "COMMITTED").is_file())
     assert committed, "the checkpoints before the divergence are kept"
     for ckpt in committed:

@@ -87,7 +87,8 @@ def baseline(s3: S3Server, eval_file: Path, sft_cache: Path,
              env(s3.env, tmp_path_factory.mktemp("w"))) as j:
         assert j.wait(600) == 0, j.tail()
     c = s3.client()
-    assert [s for s, _ in eval_losses(c, "baseline")] == [EVAL_EVERY]
+    # the periodic evaluation, then the final one at the last step
+    assert [s for s, _ in eval_losses(c, "baseline")] == [EVAL_EVERY, MAX_STEPS]
     # the evaluation's own log record does not swallow its step's training loss
     assert [s for s, *_ in loss_sequence(c, BUCKET, "baseline")] == list(range(1, MAX_STEPS + 1))
     return "baseline"

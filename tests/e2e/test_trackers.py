@@ -230,7 +230,8 @@ def test_tensorboard_resume_hides_what_a_killed_attempt_logged_past_the_checkpoi
 def test_tracker_that_cannot_start_is_exit_3_before_anything_is_written(sft_cache: Path,
                                                                         tmp_path: Path) -> None:
     """W&B online without an API key (none in the environment, an empty HOME): one line naming
-    the tracker and what to set, exit 3, and the output location left untouched."""
+    the tracker and what to set, exit 3, and nothing but the prepared data (which the rerun
+    reuses) written to the output location: no job.yaml, progress, checkpoint or result."""
     out = tmp_path / "out"
     r = run_cli(["run", "jobs/smoke-cpu.yaml", "--set", f"output.uri={out}",
                  "--set", "train.report_to=[tensorboard,wandb]"], sft_cache, timeout=300,
@@ -240,4 +241,5 @@ def test_tracker_that_cannot_start_is_exit_3_before_anything_is_written(sft_cach
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "train.report_to: wandb could not start its run" in err[0]
     assert "WANDB_API_KEY" in err[0] and "Traceback" not in r.stderr
-    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
+    assert not out.exists() or {p.name for p in out.iterdir()} <= {"prepared"}, \
+        sorted(out.rglob("*"))
