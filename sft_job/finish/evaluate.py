@@ -1,10 +1,12 @@
-"""Evaluation: eval loss and perplexity, and greedy generations for the before/after samples."""
+"""Evaluation: eval loss and perplexity, greedy generations for the before/after samples, and
+the model and prompts of `sft-job generate` (its command is sft_job/cli/model.py)."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,46 +144,62 @@ def samples_markdown(pairs: list[tuple[str, str]], before: list[str], after: lis
     return "\n".join(lines)
 
 
-def generate_cli(model_uri: str, prompts: list[str], max_new_tokens: int,
-                 adapter: str | None, raw: bool = False) -> None:
-    """`sft-job generate`: load a model (and adapter) from a folder or URI and print greedy
-    completions, each prompt formatted the way the job trained (see `training_format`)."""
-    import sys
-    import tempfile
+@dataclass
+class Generation:
+    """`sft-job generate`: a model (and adapter) from a folder or URI, and the prompts
+    formatted the way the job trained (see `training_format`)."""
 
-    import typer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_uri: str
+    model_dir: Path
+    adapter: str | None
+    adapter_dir: Path | None
+    tokenizer: Any
+    texts: list[str]
+    how: str  # how the prompts were formatted, for the user
 
-    from sft_job.data.formats import prompt_for
-    from sft_job.models.load import loading
-    from sft_job.models.source import resolve_model_dir
-    from sft_job.pipeline import setup_logging
+    @classmethod
+    def prepare(cls, model_uri: str, prompts: list[str], adapter: str | None = None,
+                raw: bool = False) -> Generation:
+        """Fetch the model (and adapter), load the tokenizer (the adapter's when it has one:
+        the run's) and format the prompts; no weights are loaded yet."""
+        import tempfile
 
-    setup_logging()
-    model_dir = resolve_model_dir(model_uri)
-    with loading("model", f"the tokenizer of {model_uri}"):
-        tok = AutoTokenizer.from_pretrained(model_dir)
-    if adapter:
+        from transformers import AutoTokenizer
+
+        from sft_job.data.formats import prompt_for
         from sft_job.data.load import fetch
+        from sft_job.models.load import loading
+        from sft_job.models.source import resolve_model_dir
 
-        adapter_dir = fetch(adapter, Path(tempfile.mkdtemp(prefix="sft-job-")))
-        if (adapter_dir / "tokenizer_config.json").is_file():  # the run's tokenizer
-            with loading("--adapter", f"the tokenizer of {adapter}"):
-                tok = AutoTokenizer.from_pretrained(adapter_dir)
-    fmt, data_spec, how = ("text", None, "as given (--raw)") if raw else \
-        training_format(adapter or model_uri, tok)
-    typer.echo(f"prompts formatted {how}", err=True)
-    texts = [p if data_spec is None else prompt_for(p, fmt, data_spec, tok) for p in prompts]
-    with loading("model", model_uri):
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if adapter:
-        from peft import PeftModel
+        model_dir = resolve_model_dir(model_uri)
+        with loading("model", f"the tokenizer of {model_uri}"):
+            tok = AutoTokenizer.from_pretrained(model_dir)
+        adapter_dir = None
+        if adapter:
+            adapter_dir = fetch(adapter, Path(tempfile.mkdtemp(prefix="sft-job-")))
+            if (adapter_dir / "tokenizer_config.json").is_file():  # the run's tokenizer
+                with loading("--adapter", f"the tokenizer of {adapter}"):
+                    tok = AutoTokenizer.from_pretrained(adapter_dir)
+        fmt, data_spec, how = ("text", None, "as given (--raw)") if raw else \
+            training_format(adapter or model_uri, tok)
+        texts = [p if data_spec is None else prompt_for(p, fmt, data_spec, tok) for p in prompts]
+        return cls(model_uri, model_dir, adapter, adapter_dir, tok, texts, how)
 
-        with loading("--adapter", f"{adapter} onto {model_uri} (is it for this model?)"):
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
-    for p, out in zip(prompts, generate(model, tok, texts, max_new_tokens), strict=True):
-        typer.echo(f"### {p}\n{out}\n")
-    sys.stdout.flush()
+    def outputs(self, max_new_tokens: int) -> list[str]:
+        """Load the weights (and the adapter on top) and complete every prompt greedily."""
+        from transformers import AutoModelForCausalLM
+
+        from sft_job.models.load import loading
+
+        with loading("model", self.model_uri):
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir)
+        if self.adapter_dir is not None:
+            from peft import PeftModel
+
+            with loading("--adapter", f"{self.adapter} onto {self.model_uri} (is it for this "
+                         "model?)"):
+                model = PeftModel.from_pretrained(model, str(self.adapter_dir))
+        return generate(model, self.tokenizer, self.texts, max_new_tokens)
 
 
 def training_format(uri: str, tokenizer: Any) -> tuple[str, Any, str]:
