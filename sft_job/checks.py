@@ -55,7 +55,7 @@ def overlap_problems(spec: JobSpec) -> list[str]:
     """output.uri must not be, contain or sit inside an input: the run writes model/, adapter/,
     checkpoints/ and job.yaml there (over a base model in `out/model`), deletes unfinished
     uploads, and a rerun would read its own checkpoints as data."""
-    from sft_job.storage.base import overlap
+    from sft_job.uri import overlap
 
     out = spec.output.uri
     try:

@@ -247,8 +247,8 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
             timings: Timings, generate: Any) -> dict[str, Any]:
     """Evaluate, sample, save/merge, write reports, upload, then _SUCCESS."""
     from sft_job.finish import report
-    from sft_job.finish.evaluate import eval_loss as evaluate_loss
     from sft_job.finish.evaluate import perplexity, samples_markdown
+    from sft_job.train.evaluate import eval_loss as evaluate_loss
     from sft_job.train.trainer import precision
 
     out_uri = spec.output.uri
@@ -341,7 +341,7 @@ def _eval_before(trainer: Any, rows: Any, metrics_path: Path, stop: Any) -> None
     checkpoints carry, so a resumed run still reports it."""
     import json
 
-    from sft_job.finish.evaluate import eval_loss
+    from sft_job.train.evaluate import eval_loss
 
     loss, tokens = eval_loss(trainer, rows, should_stop=lambda: bool(stop.requested))
     _check_stop(stop, "the evaluation of the base model")

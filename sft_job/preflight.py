@@ -83,7 +83,7 @@ def probe_output(uri: str) -> str:
     """Write then delete a small probe object under `uri`: a missing bucket, denied access or
     a path that is a file fails here (exit 3) instead of after training. Returns the
     credential source used (never the secret)."""
-    from sft_job.storage.base import split_uri
+    from sft_job.uri import split_uri
 
     scheme, _, key = split_uri(uri)
     if scheme == "file" and Path(key).exists() and not Path(key).is_dir():
@@ -105,7 +105,7 @@ def credential_source(uri: str) -> str:
 
 
 def _probe_input(uri: str, label: str, rep: Report) -> None:
-    from sft_job.storage.base import is_remote
+    from sft_job.uri import is_remote
 
     try:
         if not is_remote(uri):

@@ -20,15 +20,9 @@ from pydantic import (
     model_validator,
 )
 
-from sft_job.specbase import (
-    SEED,
-    DeepSpeedField,
-    Location,
-    Strict,
-    endpoint_problem,
-    hub_repo_problem,
-)
-from sft_job.train.passthrough import TrainerSpec
+from sft_job.specbase import SEED, DeepSpeedField, Location, Strict, hub_repo_problem
+from sft_job.spectrainer import TrainerSpec
+from sft_job.uri import endpoint_problem
 
 __all__ = ["JobSpec", "Strict", "TrainerSpec", "dump_spec"]
 
@@ -282,7 +276,7 @@ class JobSpec(Strict):
 
     def data_cache_uri(self) -> str:
         """Where prepared data is cached: data.cache_uri, else <output.uri>/prepared."""
-        from sft_job.storage.base import join
+        from sft_job.uri import join
 
         return self.data.cache_uri or join(self.output.uri, "prepared")
 

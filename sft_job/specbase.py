@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from sft_job.storage.base import uri_problem
+from sft_job.uri import uri_problem
 
 
 class Strict(BaseModel):
@@ -37,21 +37,6 @@ def hub_repo_problem(repo_id: str) -> str | None:
             or "--" in repo_id or len(repo_id) > 96):
         return (f"'{repo_id}' is not a Hub repo id 'org/name' (letters, digits, '-', '_', '.'; "
                 "no '..' or '--'; at most 96 characters)")
-    return None
-
-
-def endpoint_problem(url: str) -> str | None:
-    """Why `url` cannot be an S3 endpoint (http(s)://host[:port][/path]), or None."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        return f"'{url}' is not a URL ({e})"
-    if parts.scheme not in ("http", "https") or not parts.hostname or any(
-            ord(c) < 33 for c in url) or parts.query or parts.fragment or port == 0:
-        return f"'{url}' is not an endpoint URL like https://host[:port]"
     return None
 
 

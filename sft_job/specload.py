@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from sft_job import credentials
 from sft_job.errors import SpecError
 from sft_job.spec import JobSpec
+from sft_job.spectrainer import trainer_refusal
 from sft_job.specyaml import MAX_SPEC_BYTES, interpolate_env, load_yaml
-from sft_job.train.passthrough import trainer_refusal
 
 __all__ = ["apply_override", "format_validation_error", "interpolate_env", "load_spec",
            "parse_spec", "validate_doc"]

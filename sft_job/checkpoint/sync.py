@@ -19,7 +19,6 @@ run's); during a periodic save, which then becomes the stop checkpoint, with no 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -48,19 +47,6 @@ class Resume:
     dir: Path
     step: int
     eval_pending: bool = False  # the stop abandoned the evaluation at this step: run it first
-
-
-def data_hash(files: list[Path]) -> str:
-    """sha256 over the data files' names and contents (a changed dataset is a different run)."""
-    h = hashlib.sha256()
-    for f in sorted(files):
-        paths = sorted(p for p in f.rglob("*") if p.is_file()) if f.is_dir() else [f]
-        for p in paths:
-            h.update(p.name.encode())
-            with p.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def link_copy(src: Path, dest: Path, files: list[str] | None = None) -> Path:

@@ -32,8 +32,9 @@ from sft_job import storage
 from sft_job.data.prepared import FILES, VERSION, prepare_dir
 from sft_job.errors import DataError, TransientError
 from sft_job.spec import DATA_HOW, DataSpec
-from sft_job.storage.base import COMMIT_MARKER, is_remote, split_uri
+from sft_job.storage.base import COMMIT_MARKER
 from sft_job.topology import here
+from sft_job.uri import is_remote, split_uri
 
 log = logging.getLogger("sft_job.data")
 

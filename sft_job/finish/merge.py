@@ -179,7 +179,7 @@ def merge_to(base: str, adapter: str, out: str) -> None:
     from sft_job.errors import SpecError
     from sft_job.models.load import loading
     from sft_job.models.source import resolve_model_dir
-    from sft_job.storage.base import is_remote, overlap
+    from sft_job.uri import is_remote, overlap
 
     for a, b in ((out, base), (out, adapter)):
         if overlap(a, b):

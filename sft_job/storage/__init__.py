@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sft_job.storage.base import COMMIT_MARKER, SETTINGS, ObjectInfo, Store, join, split_uri
+from sft_job.storage.base import COMMIT_MARKER, SETTINGS, ObjectInfo, Store
 from sft_job.storage.checksum import ChecksumError
+from sft_job.uri import join, split_uri
 
 __all__ = [
     "COMMIT_MARKER",

@@ -66,7 +66,7 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path) -> Any:
         "max_grad_norm": t.max_grad_norm,
         "logging_steps": t.logging_steps,
         "logging_first_step": True,
-        # evaluation is the job's own token-weighted loop (finish/evaluate.py), run by
+        # evaluation is the job's own token-weighted loop (train/evaluate.py), run by
         # evaluation_callback every train.eval_steps and once at the end
         "eval_strategy": "no",
         "save_strategy": "steps" if spec.output.save_every_steps else "no",
@@ -194,14 +194,14 @@ def metrics_callback(path: Path, collator_ref: list[Any]) -> Any:
 
 def evaluation_callback(trainer: Any, rows: Any, every: int | None,
                         stop: Any, first_at: int | None = None) -> Any:
-    """A TrainerCallback evaluating (token-weighted, finish/evaluate.py) every `every` steps
+    """A TrainerCallback evaluating (token-weighted, train/evaluate.py) every `every` steps
     but the last (the finish evaluates that one) and logging `eval_loss` through the trainer,
     so metrics.jsonl and trackers get it. An evaluation is skipped or abandoned when a stop is
     requested: the checkpoint comes first. `first_at`: a resumed run's step whose evaluation
     the stop abandoned, run before training goes on."""
     from transformers import TrainerCallback
 
-    from sft_job.finish.evaluate import eval_loss
+    from sft_job.train.evaluate import eval_loss
 
     class Evaluation(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
