@@ -161,7 +161,7 @@ def arm_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, backe
     model = load_model(spec.model, spec.method, mdir, be.torch_dtype(),
                        model_attn(mdir, be.attn, spec.data.max_length))
     clock = StepClock.make(args.warmup_steps)
-    trainer = build_trainer(spec, be, model, tok, bundle, work / "trainer", [clock])
+    trainer = build_trainer(spec, be, model, tok, bundle, work / "trainer", [clock]).trainer
     col = trainer.data_collator = _Counting(trainer.data_collator)
     _reset_memory()
     trainer.train()
@@ -276,7 +276,7 @@ def part_b(args: argparse.Namespace, tmp: Path, on_gpu: bool) -> dict[str, Any]:
     model = load_model(spec.model, spec.method, mdir, be.torch_dtype(),
                        model_attn(mdir, be.attn, spec.data.max_length))
     clock = StepClock.make(0)
-    trainer = build_trainer(spec, be, model, tok, bundle, tmp / "qlora-trainer", [clock])
+    trainer = build_trainer(spec, be, model, tok, bundle, tmp / "qlora-trainer", [clock]).trainer
     print("  B: qlora ...", flush=True)
     trainer.train()
     res = {"epochs_s": clock.epochs, "examples": bundle.stats["train_examples"],

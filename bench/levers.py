@@ -53,7 +53,7 @@ def trainer_for(variant: str, data: Path, work: Path, args: argparse.Namespace) 
     bundle = build_data(spec.data, tok, work / "data")
     model = load_model(spec.model, spec.method, mdir, backend.torch_dtype(),
                        model_attn(mdir, backend.attn, spec.data.max_length))
-    trainer = build_trainer(spec, backend, model, tok, bundle, work / "trainer", [])
+    trainer = build_trainer(spec, backend, model, tok, bundle, work / "trainer", []).trainer
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
     trainer.current_gradient_accumulation_steps = 1  # set by train()'s loop otherwise
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))

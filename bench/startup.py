@@ -148,10 +148,10 @@ def _instrument(marks: dict[str, Any], split: bool) -> None:
 
     def build_trainer(*a: Any, **kw: Any) -> Any:
         t = time.time()
-        trainer = build(*a, **kw)
+        built = build(*a, **kw)
         marks["phases"]["trainer build (SFTTrainer)"] = time.time() - t
-        trainer.add_callback(_first_step_callback(marks))
-        return trainer
+        built.trainer.add_callback(_first_step_callback(marks))
+        return built
 
     tr.build_trainer = build_trainer
     if not split:

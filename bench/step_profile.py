@@ -91,7 +91,8 @@ def main() -> None:
     info = c.machine()
     c.print_machine(info)
     with tempfile.TemporaryDirectory(prefix="bench-prof-") as tmp:
-        spec, trainer = build(args, Path(tmp))
+        spec, built = build(args, Path(tmp))
+        trainer = built.trainer
         prof = profile(activities=[ProfilerActivity.CPU],
                        schedule=schedule(wait=args.warmup, warmup=0, active=args.steps))
 
@@ -105,7 +106,7 @@ def main() -> None:
     from sft_job.train.trainer import precision
 
     print(f"{spec.model.base}, {spec.method.kind}, precision {precision(trainer)}, LM head "
-          f"{trainer.sft_job_lm_head}, batch {spec.train.batch_size} x max_length "
+          f"{built.lm_head}, batch {spec.train.batch_size} x max_length "
           f"{spec.data.max_length}, steps {args.warmup + 1}-{args.warmup + args.steps}")
     report(prof, args.top)
 

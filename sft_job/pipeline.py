@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sft_job import storage
 from sft_job.checkpoint import lease, preempt
@@ -31,6 +31,9 @@ from sft_job.spec import JobSpec, changed_fields, dump_spec
 from sft_job.specload import validate_doc
 from sft_job.topology import here
 from sft_job.train.guard import require_finite
+
+if TYPE_CHECKING:  # the trainer module is imported after the cheap checks
+    from sft_job.train.trainer import BuiltTrainer
 
 log = logging.getLogger("sft_job")
 
@@ -153,7 +156,12 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     from sft_job.models.load import check_targets, check_vocab, load_model, load_tokenizer
     from sft_job.models.source import resolve_model_dir
     from sft_job.train.backends import model_attn, resolve
-    from sft_job.train.trainer import build_trainer, evaluation_callback, metrics_callback
+    from sft_job.train.trainer import (
+        build_trainer,
+        counting_collator,
+        evaluation_callback,
+        metrics_callback,
+    )
 
     timings.mark("startup")
     backend = resolve(spec)
@@ -198,16 +206,17 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     uploader = Uploader(storage.join(out_uri, "checkpoints"), spec.output.keep_checkpoints,
                         topo.node, topo.nodes, topo.world, spec.output.s3_endpoint_url) \
         if topo.local_rank == 0 else None
-    collator_ref: list[Any] = []
+    collator = counting_collator(spec, backend, model, tokenizer)
     sync = ckpt.callback(spec, uploader, stop, run_state, metrics_path, work / "ckpt-staging",
                          topo, resume.step if resume else None,
                          spec.train.eval_steps if bundle.eval else None)
-    callbacks = [metrics_callback(metrics_path, collator_ref)]
+    callbacks = [metrics_callback(metrics_path, collator)]
     if _is_main():
-        callbacks.append(reporter.callback(collator_ref))
-    trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer", callbacks)
-    collator_ref.append(trainer.sft_job_collator)
-    trainer.add_callback(evaluation_callback(trainer, bundle.eval, spec.train.eval_steps, stop,
+        callbacks.append(reporter.callback(collator))
+    built = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer", callbacks,
+                          collator)
+    trainer = built.trainer
+    trainer.add_callback(evaluation_callback(built, bundle.eval, spec.train.eval_steps, stop,
                                              resume.step if resume and resume.eval_pending else None))
     # after the evaluation: a stop requested while it ran is honoured at the same step's end
     trainer.add_callback(sync)
@@ -217,9 +226,9 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
         (stage / "job.yaml").write_text(dump_spec(spec))
         storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
     reporter.attach(trainer)  # the trackers' writers, opened by start (rank 0)
-    _log_plan(spec, trainer, bundle, backend)
+    _log_plan(spec, built, bundle, backend)
     if not resume and bundle.eval:  # the base model's loss, for before -> after
-        _eval_before(trainer, bundle.eval, metrics_path, stop)
+        _eval_before(built, bundle.eval, metrics_path, stop)
     try:
         train_out = ckpt.train(trainer, resume, can_skip_final=not spec.deepspeed.enabled)
     except TrainingDiverged:
@@ -236,13 +245,13 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
         uploader.close()
     reporter.finishing()
     timings.mark("train")
-    bundle.stats["ranks"] = _gather_rank_facts(trainer.sft_job_collator, bundle)
+    bundle.stats["ranks"] = _gather_rank_facts(collator, bundle)
 
-    return _finish(spec, trainer, tokenizer, model_dir, bundle, pairs, before, train_out,
+    return _finish(spec, built, tokenizer, model_dir, bundle, pairs, before, train_out,
                    stage, timings, generate)
 
 
-def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle: Any,
+def _finish(spec: JobSpec, built: BuiltTrainer, tokenizer: Any, model_dir: Path, bundle: Any,
             pairs: list[tuple[str, str]], before: list[str], train_out: Any, stage: Path,
             timings: Timings, generate: Any) -> dict[str, Any]:
     """Evaluate, sample, save/merge, write reports, upload, then _SUCCESS."""
@@ -251,10 +260,11 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     from sft_job.train.evaluate import eval_loss as evaluate_loss
     from sft_job.train.trainer import precision
 
+    trainer = built.trainer
     out_uri = spec.output.uri
     eval_loss = eval_tokens = None
     if bundle.eval:  # every rank: evaluation and generation are collective under ZeRO-3
-        eval_loss, eval_tokens = evaluate_loss(trainer, bundle.eval)
+        eval_loss, eval_tokens = evaluate_loss(trainer, bundle.eval, own_head=built.own_head)
         require_finite({"eval_loss": eval_loss}, "evaluation of the trained model")
         log.info("eval loss %.4f per trained token (%d tokens)", eval_loss, eval_tokens)
         # through the trainer's callbacks, like the periodic ones: metrics.jsonl, progress,
@@ -291,7 +301,7 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
         "spec_hash": spec.run_hash(),
         "method": spec.method.kind,
         "precision": precision(trainer),
-        "lm_head": trainer.sft_job_lm_head,
+        "lm_head": built.lm_head,
         "steps": trainer.state.global_step,
         "train_loss": losses[-1] if losses else None,
         # NaN only when nothing was trained here (resumed at the final step); the guard
@@ -336,14 +346,15 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     return summary
 
 
-def _eval_before(trainer: Any, rows: Any, metrics_path: Path, stop: Any) -> None:
+def _eval_before(built: BuiltTrainer, rows: Any, metrics_path: Path, stop: Any) -> None:
     """Evaluate the untrained model (every rank) and record it in metrics.jsonl (rank 0), which
     checkpoints carry, so a resumed run still reports it."""
     import json
 
     from sft_job.train.evaluate import eval_loss
 
-    loss, tokens = eval_loss(trainer, rows, should_stop=lambda: bool(stop.requested))
+    loss, tokens = eval_loss(built.trainer, rows, own_head=built.own_head,
+                             should_stop=lambda: bool(stop.requested))
     _check_stop(stop, "the evaluation of the base model")
     if loss is None:
         return
@@ -457,9 +468,10 @@ def _push_hub(spec: JobSpec, model_out: Path | None, adapter_out: Path | None) -
     return spec.output.push_to_hub
 
 
-def _log_plan(spec: JobSpec, trainer: Any, bundle: Any, backend: Any) -> None:
+def _log_plan(spec: JobSpec, built: BuiltTrainer, bundle: Any, backend: Any) -> None:
     from sft_job.train.trainer import precision
 
+    trainer = built.trainer
     world = trainer.args.world_size
     eff = spec.train.batch_size * spec.train.grad_accum * world
     steps = spec.train.max_steps or math.ceil(math.ceil(len(bundle.train) / eff) * spec.train.epochs)
@@ -469,4 +481,4 @@ def _log_plan(spec: JobSpec, trainer: Any, bundle: Any, backend: Any) -> None:
              "%d steps, <= %d tokens/step, precision %s (%s), LM head %s, spec hash %s",
              len(bundle.train), "packed" if spec.data.packing else "unpacked", eff,
              spec.train.batch_size, spec.train.grad_accum, world, steps,
-             eff * spec.data.max_length, prec, why, trainer.sft_job_lm_head, spec.run_hash())
+             eff * spec.data.max_length, prec, why, built.lm_head, spec.run_hash())

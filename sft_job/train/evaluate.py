@@ -7,14 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 
-def eval_loss(trainer: Any, rows: Any,
+def eval_loss(trainer: Any, rows: Any, *, own_head: bool,
               should_stop: Callable[[], bool] | None = None) -> tuple[float | None, int]:
     """(loss per trained token, trained tokens) of the model over the eval rows: the sum of
     every trained token's loss over all batches and ranks, divided by their number. (The
     Trainer's own evaluate() averages per-batch means, which weighs a short batch's tokens more
     than a long one's.) Each rank takes rows rank::world, and every rank runs the same number
     of forward passes (ZeRO-3 gathers weights collectively), repeating its last batch with no
-    weight when it runs out. `rows`: a list of row dicts or a datasets.Dataset. `should_stop`
+    weight when it runs out. `rows`: a list of row dicts or a datasets.Dataset. `own_head`:
+    the loss is the job's head over trained positions (BuiltTrainer.own_head). `should_stop`
     is asked between batches, collectively: the evaluation is abandoned (None) when any rank
     says stop. On XLA (one process drives every device) the process evaluates every row."""
     import torch
@@ -24,7 +25,6 @@ def eval_loss(trainer: Any, rows: Any,
     model = trainer.model
     device = trainer.args.device
     collate = getattr(trainer.data_collator, "inner", trainer.data_collator)  # not counted
-    own_head = getattr(trainer, "sft_job_lm_head", None) == "trained-positions"
     if own_head:
         from sft_job.train.loss import token_nll
     dist = _dist()
