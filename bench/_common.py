@@ -231,7 +231,7 @@ def build_tokenizer(out: Path, vocab: int) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     from sft_job.data.formats import alpaca_prompt
-    from sft_job.models.builtin import CHATML_TEMPLATE
+    from sft_job.models.chat import CHATML_TEMPLATE
 
     corpus = [alpaca_prompt(r["instruction"], r["input"], "seed") + " " + r["output"]
               for r in alpaca_rows(6000, seed=12345)]
@@ -324,10 +324,10 @@ def model_dir(preset: str) -> Path:
     model, the job's builtin copy)."""
     import tempfile
 
-    from sft_job.models.builtin import cache_root
+    from sft_job.storage.cache import cache_root
 
     if preset in REAL_MODELS:
-        from sft_job.models.load import resolve_model_dir
+        from sft_job.models.source import resolve_model_dir
 
         return resolve_model_dir(REAL_MODELS[preset])
 

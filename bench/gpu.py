@@ -161,7 +161,7 @@ def arm_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, backe
     model = load_model(spec.model, spec.method, mdir, be.torch_dtype(),
                        model_attn(mdir, be.attn, spec.data.max_length))
     clock = StepClock.make(args.warmup_steps)
-    trainer = build_trainer(spec, be, model, tok, bundle, work / "trainer", [clock])
+    trainer = build_trainer(spec, be, model, tok, bundle, work / "trainer", [clock]).trainer
     col = trainer.data_collator = _Counting(trainer.data_collator)
     _reset_memory()
     trainer.train()
@@ -259,7 +259,7 @@ def part_a(args: argparse.Namespace, tmp: Path, on_gpu: bool) -> dict[str, Any]:
 def part_b(args: argparse.Namespace, tmp: Path, on_gpu: bool) -> dict[str, Any]:
     from sft_job.data import build as build_data
     from sft_job.models.load import load_model, load_tokenizer
-    from sft_job.spec import load_spec
+    from sft_job.specload import load_spec
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer
 
@@ -276,7 +276,7 @@ def part_b(args: argparse.Namespace, tmp: Path, on_gpu: bool) -> dict[str, Any]:
     model = load_model(spec.model, spec.method, mdir, be.torch_dtype(),
                        model_attn(mdir, be.attn, spec.data.max_length))
     clock = StepClock.make(0)
-    trainer = build_trainer(spec, be, model, tok, bundle, tmp / "qlora-trainer", [clock])
+    trainer = build_trainer(spec, be, model, tok, bundle, tmp / "qlora-trainer", [clock]).trainer
     print("  B: qlora ...", flush=True)
     trainer.train()
     res = {"epochs_s": clock.epochs, "examples": bundle.stats["train_examples"],

@@ -33,7 +33,8 @@ VARIANTS = {"base": ("fp32", "trl", 0.05), "+head": ("fp32", "trained", 0.05),
 
 def trainer_for(variant: str, data: Path, work: Path, args: argparse.Namespace) -> Any:
     from sft_job.data import build as build_data
-    from sft_job.models.load import load_model, load_tokenizer, resolve_model_dir
+    from sft_job.models.load import load_model, load_tokenizer
+    from sft_job.models.source import resolve_model_dir
     from sft_job.spec import JobSpec
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer
@@ -52,7 +53,7 @@ def trainer_for(variant: str, data: Path, work: Path, args: argparse.Namespace) 
     bundle = build_data(spec.data, tok, work / "data")
     model = load_model(spec.model, spec.method, mdir, backend.torch_dtype(),
                        model_attn(mdir, backend.attn, spec.data.max_length))
-    trainer = build_trainer(spec, backend, model, tok, bundle, work / "trainer", [])
+    trainer = build_trainer(spec, backend, model, tok, bundle, work / "trainer", []).trainer
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
     trainer.current_gradient_accumulation_steps = 1  # set by train()'s loop otherwise
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -88,7 +89,8 @@ def main() -> None:
     logging.getLogger("sft_job").setLevel(logging.WARNING)
     info = c.machine()
     c.print_machine(info)
-    from sft_job.models.load import load_tokenizer, resolve_model_dir
+    from sft_job.models.load import load_tokenizer
+    from sft_job.models.source import resolve_model_dir
     from sft_job.spec import ModelSpec
 
     tok = load_tokenizer(ModelSpec(base=args.model), resolve_model_dir(args.model), False)

@@ -56,7 +56,8 @@ def train_one(data: Path, work: Path, args: argparse.Namespace, arm: str, seed: 
     import torch
 
     from sft_job.data import build as build_data
-    from sft_job.models.load import load_model, load_tokenizer, resolve_model_dir
+    from sft_job.models.load import load_model, load_tokenizer
+    from sft_job.models.source import resolve_model_dir
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer, precision
 
@@ -67,7 +68,8 @@ def train_one(data: Path, work: Path, args: argparse.Namespace, arm: str, seed: 
     bundle = build_data(spec.data, tok, work / "data")
     model = load_model(spec.model, spec.method, mdir, backend.torch_dtype(),
                        model_attn(mdir, backend.attn, spec.data.max_length))
-    trainer = build_trainer(spec, backend, model, tok, bundle, work / "trainer", [])
+    built = build_trainer(spec, backend, model, tok, bundle, work / "trainer", [])
+    trainer = built.trainer
     assert precision(trainer) == ARMS[arm][0]
     torch.manual_seed(seed)
     w0, c0 = time.perf_counter(), time.process_time()
@@ -78,7 +80,7 @@ def train_one(data: Path, work: Path, args: argparse.Namespace, arm: str, seed: 
     return {"arm": arm, "seed": seed, "steps": trainer.state.global_step,
             "train_loss_mean": out.training_loss, "train_loss_last": losses[-1],
             "eval_loss": ev, "wall_s": wall, "cpu_s": cpu,
-            "tokens": trainer.sft_job_collator.tokens, "lm_head": trainer.sft_job_lm_head,
+            "tokens": built.collator.tokens, "lm_head": built.lm_head,
             "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -156,7 +158,8 @@ def main() -> None:
     logging.getLogger("sft_job").setLevel(logging.WARNING)
     info = c.machine()
     c.print_machine(info)
-    from sft_job.models.load import load_tokenizer, resolve_model_dir
+    from sft_job.models.load import load_tokenizer
+    from sft_job.models.source import resolve_model_dir
     from sft_job.spec import ModelSpec
 
     mdir = resolve_model_dir(args.model, None)

@@ -148,10 +148,10 @@ def _instrument(marks: dict[str, Any], split: bool) -> None:
 
     def build_trainer(*a: Any, **kw: Any) -> Any:
         t = time.time()
-        trainer = build(*a, **kw)
+        built = build(*a, **kw)
         marks["phases"]["trainer build (SFTTrainer)"] = time.time() - t
-        trainer.add_callback(_first_step_callback(marks))
-        return trainer
+        built.trainer.add_callback(_first_step_callback(marks))
+        return built
 
     tr.build_trainer = build_trainer
     if not split:
@@ -160,14 +160,15 @@ def _instrument(marks: dict[str, Any], split: bool) -> None:
     import sft_job.data.prepared as prepared
     import sft_job.finish.evaluate as ev
     import sft_job.models.load as ml
-    import sft_job.spec as spec
+    import sft_job.models.source as ms
+    import sft_job.specload as spec
 
     spec.load_spec = _timed(marks, "spec load + validation", spec.load_spec)
     load.fetch = _timed(marks, "data fetch", load.fetch)
     prepared.read_source = _timed(marks, "data read + format + tokenization (streamed)",
                                   prepared.read_source)
     prepared.write_rows = _timed(marks, "split + packing (BFD)", prepared.write_rows)
-    ml.resolve_model_dir = _timed(marks, "model fetch + tokenizer load", ml.resolve_model_dir)
+    ms.resolve_model_dir = _timed(marks, "model fetch + tokenizer load", ms.resolve_model_dir)
     ml.load_tokenizer = _timed(marks, "model fetch + tokenizer load", ml.load_tokenizer)
     ml.load_model = _timed(marks, "model load", ml.load_model)
     ev.generate = _timed(marks, "samples before training (generate)", ev.generate)

@@ -40,8 +40,9 @@ PARTS = {
 
 def build(args: argparse.Namespace, work: Path) -> Any:
     from sft_job.data import build as build_data
-    from sft_job.models.load import load_model, load_tokenizer, resolve_model_dir
-    from sft_job.spec import load_spec
+    from sft_job.models.load import load_model, load_tokenizer
+    from sft_job.models.source import resolve_model_dir
+    from sft_job.specload import load_spec
     from sft_job.train.backends import model_attn, resolve
     from sft_job.train.trainer import build_trainer
 
@@ -90,7 +91,8 @@ def main() -> None:
     info = c.machine()
     c.print_machine(info)
     with tempfile.TemporaryDirectory(prefix="bench-prof-") as tmp:
-        spec, trainer = build(args, Path(tmp))
+        spec, built = build(args, Path(tmp))
+        trainer = built.trainer
         prof = profile(activities=[ProfilerActivity.CPU],
                        schedule=schedule(wait=args.warmup, warmup=0, active=args.steps))
 
@@ -104,7 +106,7 @@ def main() -> None:
     from sft_job.train.trainer import precision
 
     print(f"{spec.model.base}, {spec.method.kind}, precision {precision(trainer)}, LM head "
-          f"{trainer.sft_job_lm_head}, batch {spec.train.batch_size} x max_length "
+          f"{built.lm_head}, batch {spec.train.batch_size} x max_length "
           f"{spec.data.max_length}, steps {args.warmup + 1}-{args.warmup + args.steps}")
     report(prof, args.top)
 

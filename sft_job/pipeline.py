@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sft_job import storage
 from sft_job.checkpoint import lease, preempt
@@ -27,8 +27,13 @@ from sft_job.checkpoint import sync as ckpt
 from sft_job.checkpoint.uploader import Uploader
 from sft_job.errors import ModelError, Preempted, SftJobError, TrainingDiverged
 from sft_job.progress import Reporter
-from sft_job.spec import JobSpec, dump_spec
+from sft_job.spec import JobSpec, changed_fields, dump_spec
+from sft_job.specload import validate_doc
+from sft_job.topology import here
 from sft_job.train.guard import require_finite
+
+if TYPE_CHECKING:  # the trainer module is imported after the cheap checks
+    from sft_job.train.trainer import BuiltTrainer
 
 log = logging.getLogger("sft_job")
 
@@ -52,9 +57,9 @@ class Timings:
 def setup_logging() -> None:
     """Plain timestamped lines on stderr (rank-tagged when there are several ranks, and only
     rank 0 at INFO); quiet the libraries' own chatter."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    tag = f"[rank {_rank()}] " if world > 1 else ""
-    level = logging.INFO if _rank() == 0 else logging.WARNING
+    topo = here()
+    tag = f"[rank {topo.rank}] " if topo.distributed else ""
+    level = logging.INFO if topo.is_main else logging.WARNING
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s {tag}%(message)s",
                         datefmt="%H:%M:%S", force=True)
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "urllib3", "botocore",
@@ -101,29 +106,17 @@ def _already_done(spec: JobSpec, allow_changed: bool) -> bool:
     if not storage.exists(storage.join(out_uri, SUCCESS)):
         return False
     try:
-        theirs = JobSpec.model_validate(yaml.safe_load(
-            storage.read_text(storage.join(out_uri, "job.yaml"))))
+        theirs = validate_doc(yaml.safe_load(storage.read_text(storage.join(out_uri, "job.yaml"))),
+                              "job.yaml")
     except (SftJobError, yaml.YAMLError, ValueError, TypeError):
         theirs = None  # no readable job.yaml (an older version's run): trust _SUCCESS
     if theirs is not None and theirs.run_hash() != spec.run_hash() and not allow_changed:
-        changed = _changed(theirs.model_dump(mode="json"), spec.model_dump(mode="json"))
+        changed = changed_fields(theirs.result_fields(), spec.result_fields())
         raise SpecError(f"output.uri: {out_uri} holds the finished run of another spec "
                         f"({', '.join(changed) or 'spec'} differ); use a new output.uri "
                         "(--allow-changed accepts it as done)")
     log.info("%s/%s exists: this job is already done, nothing to do", out_uri, SUCCESS)
     return True
-
-
-def _changed(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The spec fields (section.key) that differ between two dumped specs, outputs aside."""
-    out = []
-    for sec in sorted((set(a) | set(b)) - {"output", "eval", "resources"}):
-        x, y = a.get(sec), b.get(sec)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += [f"{sec}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
-        elif x != y:
-            out.append(sec)
-    return out
 
 
 def _check_stop(stop: Any, phase: str) -> None:
@@ -160,9 +153,15 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     # Imports of torch/transformers/trl happen from here on, after the cheap checks.
     from sft_job.data import build as build_data
     from sft_job.finish.evaluate import generate, sample_prompts
-    from sft_job.models.load import check_targets, check_vocab, load_model, load_tokenizer, resolve_model_dir
+    from sft_job.models.load import check_targets, check_vocab, load_model, load_tokenizer
+    from sft_job.models.source import resolve_model_dir
     from sft_job.train.backends import model_attn, resolve
-    from sft_job.train.trainer import build_trainer, evaluation_callback, metrics_callback
+    from sft_job.train.trainer import (
+        build_trainer,
+        counting_collator,
+        evaluation_callback,
+        metrics_callback,
+    )
 
     timings.mark("startup")
     backend = resolve(spec)
@@ -197,7 +196,7 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     metrics_path = stage / "metrics" / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
     run_state = ckpt.run_state(spec, bundle.data_hash)
-    topo = ckpt.Topology.from_env()
+    topo = here()
     resume = ckpt.find_resume(spec, mine, run_state, allow_changed, topo)
     if resume:
         ckpt.restore_metrics(resume.dir, metrics_path, resume.step)
@@ -207,16 +206,17 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
     uploader = Uploader(storage.join(out_uri, "checkpoints"), spec.output.keep_checkpoints,
                         topo.node, topo.nodes, topo.world, spec.output.s3_endpoint_url) \
         if topo.local_rank == 0 else None
-    collator_ref: list[Any] = []
+    collator = counting_collator(spec, backend, model, tokenizer)
     sync = ckpt.callback(spec, uploader, stop, run_state, metrics_path, work / "ckpt-staging",
                          topo, resume.step if resume else None,
                          spec.train.eval_steps if bundle.eval else None)
-    callbacks = [metrics_callback(metrics_path, collator_ref)]
+    callbacks = [metrics_callback(metrics_path, collator)]
     if _is_main():
-        callbacks.append(reporter.callback(collator_ref))
-    trainer = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer", callbacks)
-    collator_ref.append(trainer.sft_job_collator)
-    trainer.add_callback(evaluation_callback(trainer, bundle.eval, spec.train.eval_steps, stop,
+        callbacks.append(reporter.callback(collator))
+    built = build_trainer(spec, backend, model, tokenizer, bundle, work / "trainer", callbacks,
+                          collator)
+    trainer = built.trainer
+    trainer.add_callback(evaluation_callback(built, bundle.eval, spec.train.eval_steps, stop,
                                              resume.step if resume and resume.eval_pending else None))
     # after the evaluation: a stop requested while it ran is honoured at the same step's end
     trainer.add_callback(sync)
@@ -226,11 +226,11 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
         (stage / "job.yaml").write_text(dump_spec(spec))
         storage.put_file(stage / "job.yaml", storage.join(out_uri, "job.yaml"))
     reporter.attach(trainer)  # the trackers' writers, opened by start (rank 0)
-    _log_plan(spec, trainer, bundle, backend)
+    _log_plan(spec, built, bundle, backend)
     if not resume and bundle.eval:  # the base model's loss, for before -> after
-        _eval_before(trainer, bundle.eval, metrics_path, stop)
+        _eval_before(built, bundle.eval, metrics_path, stop)
     try:
-        train_out = ckpt.train(trainer, resume, can_skip_final=spec.deepspeed == "none")
+        train_out = ckpt.train(trainer, resume, can_skip_final=not spec.deepspeed.enabled)
     except TrainingDiverged:
         if uploader is not None:  # the checkpoints before the divergence are good: commit
             with contextlib.suppress(SftJobError):
@@ -245,25 +245,26 @@ def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> d
         uploader.close()
     reporter.finishing()
     timings.mark("train")
-    bundle.stats["ranks"] = _gather_rank_facts(trainer.sft_job_collator, bundle)
+    bundle.stats["ranks"] = _gather_rank_facts(collator, bundle)
 
-    return _finish(spec, trainer, tokenizer, model_dir, bundle, pairs, before, train_out,
+    return _finish(spec, built, tokenizer, model_dir, bundle, pairs, before, train_out,
                    stage, timings, generate)
 
 
-def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle: Any,
+def _finish(spec: JobSpec, built: BuiltTrainer, tokenizer: Any, model_dir: Path, bundle: Any,
             pairs: list[tuple[str, str]], before: list[str], train_out: Any, stage: Path,
             timings: Timings, generate: Any) -> dict[str, Any]:
     """Evaluate, sample, save/merge, write reports, upload, then _SUCCESS."""
     from sft_job.finish import report
-    from sft_job.finish.evaluate import eval_loss as evaluate_loss
     from sft_job.finish.evaluate import perplexity, samples_markdown
+    from sft_job.train.evaluate import eval_loss as evaluate_loss
     from sft_job.train.trainer import precision
 
+    trainer = built.trainer
     out_uri = spec.output.uri
     eval_loss = eval_tokens = None
     if bundle.eval:  # every rank: evaluation and generation are collective under ZeRO-3
-        eval_loss, eval_tokens = evaluate_loss(trainer, bundle.eval)
+        eval_loss, eval_tokens = evaluate_loss(trainer, bundle.eval, own_head=built.own_head)
         require_finite({"eval_loss": eval_loss}, "evaluation of the trained model")
         log.info("eval loss %.4f per trained token (%d tokens)", eval_loss, eval_tokens)
         # through the trainer's callbacks, like the periodic ones: metrics.jsonl, progress,
@@ -300,7 +301,7 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
         "spec_hash": spec.run_hash(),
         "method": spec.method.kind,
         "precision": precision(trainer),
-        "lm_head": trainer.sft_job_lm_head,
+        "lm_head": built.lm_head,
         "steps": trainer.state.global_step,
         "train_loss": losses[-1] if losses else None,
         # NaN only when nothing was trained here (resumed at the final step); the guard
@@ -345,14 +346,15 @@ def _finish(spec: JobSpec, trainer: Any, tokenizer: Any, model_dir: Path, bundle
     return summary
 
 
-def _eval_before(trainer: Any, rows: Any, metrics_path: Path, stop: Any) -> None:
+def _eval_before(built: BuiltTrainer, rows: Any, metrics_path: Path, stop: Any) -> None:
     """Evaluate the untrained model (every rank) and record it in metrics.jsonl (rank 0), which
     checkpoints carry, so a resumed run still reports it."""
     import json
 
-    from sft_job.finish.evaluate import eval_loss
+    from sft_job.train.evaluate import eval_loss
 
-    loss, tokens = eval_loss(trainer, rows, should_stop=lambda: bool(stop.requested))
+    loss, tokens = eval_loss(built.trainer, rows, own_head=built.own_head,
+                             should_stop=lambda: bool(stop.requested))
     _check_stop(stop, "the evaluation of the base model")
     if loss is None:
         return
@@ -392,11 +394,11 @@ def _gather_rank_facts(collator: Any, bundle: Any) -> list[dict[str, Any]]:
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return here().rank
 
 
 def _is_main() -> bool:
-    return _rank() == 0
+    return here().is_main
 
 
 def _end_distributed() -> None:
@@ -466,9 +468,10 @@ def _push_hub(spec: JobSpec, model_out: Path | None, adapter_out: Path | None) -
     return spec.output.push_to_hub
 
 
-def _log_plan(spec: JobSpec, trainer: Any, bundle: Any, backend: Any) -> None:
+def _log_plan(spec: JobSpec, built: BuiltTrainer, bundle: Any, backend: Any) -> None:
     from sft_job.train.trainer import precision
 
+    trainer = built.trainer
     world = trainer.args.world_size
     eff = spec.train.batch_size * spec.train.grad_accum * world
     steps = spec.train.max_steps or math.ceil(math.ceil(len(bundle.train) / eff) * spec.train.epochs)
@@ -478,4 +481,4 @@ def _log_plan(spec: JobSpec, trainer: Any, bundle: Any, backend: Any) -> None:
              "%d steps, <= %d tokens/step, precision %s (%s), LM head %s, spec hash %s",
              len(bundle.train), "packed" if spec.data.packing else "unpacked", eff,
              spec.train.batch_size, spec.train.grad_accum, world, steps,
-             eff * spec.data.max_length, prec, why, trainer.sft_job_lm_head, spec.run_hash())
+             eff * spec.data.max_length, prec, why, built.lm_head, spec.run_hash())

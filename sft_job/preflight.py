@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from sft_job import storage
-from sft_job.checks import missing_packages, overlap_problems, probe_trainer
+from sft_job.checks import overlap_problems, probe_trainer
+from sft_job.environment import missing_packages
 from sft_job.errors import (
     EXIT_ACCESS,
     EXIT_RETRY,
@@ -33,11 +34,7 @@ from sft_job.errors import (
     SpecError,
     TransientError,
 )
-from sft_job.spec import BUILTIN_MODELS, JobSpec
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
-                   "config.json", "generation_config.json")
+from sft_job.spec import JobSpec
 
 
 class PreflightFailed(SftJobError):
@@ -86,7 +83,7 @@ def probe_output(uri: str) -> str:
     """Write then delete a small probe object under `uri`: a missing bucket, denied access or
     a path that is a file fails here (exit 3) instead of after training. Returns the
     credential source used (never the secret)."""
-    from sft_job.storage.base import split_uri
+    from sft_job.uri import split_uri
 
     scheme, _, key = split_uri(uri)
     if scheme == "file" and Path(key).exists() and not Path(key).is_dir():
@@ -108,7 +105,7 @@ def credential_source(uri: str) -> str:
 
 
 def _probe_input(uri: str, label: str, rep: Report) -> None:
-    from sft_job.storage.base import is_remote
+    from sft_job.uri import is_remote
 
     try:
         if not is_remote(uri):
@@ -172,10 +169,10 @@ def preflight(spec: JobSpec, samples: int = 2, json_out: Path | None = None) -> 
         if rep.problems:
             rep.skipped = list(FULL_PASS)
         else:
-            tok = _tokenizer(spec, rep)
+            tok, meta = _tokenizer(spec, rep)
             if tok is not None:
                 _check_tokens(spec, tok, samples, rep, work)
-            _estimate_memory(spec, rep)
+            _estimate_memory(spec, rep, meta)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _print(rep)
@@ -231,7 +228,7 @@ def _check_spec(spec: JobSpec, rep: Report) -> None:
 
     for msg in missing(spec.train.report_to):
         rep.problem("train.report_to", msg)
-    if spec.deepspeed.endswith(".json"):
+    if spec.deepspeed.config_file:
         from sft_job.train.deepspeed import config
 
         try:
@@ -268,71 +265,13 @@ def _check_storage(spec: JobSpec, rep: Report, probe_out: bool = True) -> None:
 def _check_model_files(spec: JobSpec, rep: Report) -> None:
     """The base model's folder, file or prefix holds a config and weights (no download)."""
     from sft_job.models import source
-    from sft_job.models.load import check_model_dir
 
-    base = spec.model.base
     if rep.has("model.base"):
         return
     try:
-        src = source.parse(base)
-        if src.kind == "builtin":
-            if base not in BUILTIN_MODELS:
-                raise SpecError(f"unknown builtin model '{base}' (choose "
-                                f"{', '.join(BUILTIN_MODELS)})")
-            if base == "builtin:smollm2-135m":
-                from sft_job.models.builtin import packaged_file
-
-                packaged_file("smollm2-135m")
-        elif src.gguf:
-            _check_gguf(src)
-        elif src.kind == "bucket":
-            _check_bucket_model(base)
-        elif src.kind == "local":
-            if not src.path.is_dir():
-                raise SpecError(f"{base}: no such model directory (or .gguf file)")
-            check_model_dir(src.path, base)
-        else:  # a Hub id: it exists (the full pass loads its tokenizer)
-            from sft_job.models.load import check_hub_model
-
-            check_hub_model(src.location, spec.model.revision)
+        source.parse(spec.model.base).check(spec.model.revision)
     except SftJobError as e:
         rep.error("model.base", e)
-
-
-def _check_gguf(src: Any) -> None:
-    """A GGUF source is a readable file that starts with the GGUF magic (no download for a
-    bucket: the object exists; no Hub call beyond the repo check)."""
-    import importlib.util
-
-    if importlib.util.find_spec("gguf") is None:
-        raise SpecError("reading a .gguf file needs the gguf package: pip install 'sft-job[gguf]'")
-    if src.kind == "local":
-        if not src.path.is_file():
-            raise SpecError(f"{src.uri}: no such file")
-        with src.path.open("rb") as f:
-            if f.read(4) != b"GGUF":
-                raise SpecError(f"{src.uri}: not a GGUF file (no GGUF header)")
-    elif src.kind == "bucket":
-        if storage.stat(src.uri) is None:
-            raise AccessError(f"{src.uri}: no such object")
-    else:
-        from sft_job.models.load import check_hub_model
-
-        check_hub_model(src.location)
-
-
-def _check_bucket_model(uri: str) -> list[str]:
-    """The keys of a bucket model prefix, after checking it has a config and weights."""
-    from sft_job.errors import ModelError
-
-    keys = storage.list_keys(uri)
-    if not keys:
-        raise AccessError(f"{uri}: empty or missing model prefix")
-    if "config.json" not in keys:
-        raise ModelError(f"{uri}: no config.json; is it a saved model folder?")
-    if not any(k.endswith((".safetensors", ".bin")) for k in keys):
-        raise ModelError(f"{uri}: no weights (*.safetensors or *.bin); was the upload incomplete?")
-    return keys
 
 
 def _scan_data(spec: JobSpec, rep: Report, work: Path) -> None:
@@ -369,44 +308,22 @@ def _scan_data(spec: JobSpec, rep: Report, work: Path) -> None:
                         f"{m.reason} (fix them or set data.on_malformed: skip)", "data")
 
 
-def _tokenizer(spec: JobSpec, rep: Report) -> Any:
+def _tokenizer(spec: JobSpec, rep: Report) -> tuple[Any, Path | str | None]:
+    """The tokenizer, and where it and the config were read from (no weights)."""
     from sft_job.models import source
-    from sft_job.models.load import check_model_dir, gguf_model_dir, load_tokenizer
+    from sft_job.models.load import load_tokenizer
 
     base = spec.model.base
+    meta = None
     try:
-        src = source.parse(base)
-        if src.kind == "builtin":
-            from sft_job.models.builtin import build_builtin
-
-            path = build_builtin(base)
-        elif src.gguf:  # tokenizer and config only: no dequantization in validate
-            path = gguf_model_dir(src, spec.model.revision, "float32", weights=False)
-        elif src.kind == "bucket":
-            path = _fetch_tokenizer_files(base)
-        elif src.kind == "local":
-            path = src.path
-            check_model_dir(path, base)
-        else:
-            path = Path(src.location)  # a Hub id: the tokenizer files only
-        return load_tokenizer(spec.model, path, need_chat_template=False)
+        meta = source.parse(base).meta_dir(spec.model.revision)
+        return load_tokenizer(spec.model, Path(meta), need_chat_template=False), meta
     except SftJobError as e:
         rep.error("model.base", e)
     except OSError as e:
         rep.problem("model.base", f"cannot load the tokenizer of {base}: "
                     f"{str(e).splitlines()[0]}", "access")
-    return None
-
-
-def _fetch_tokenizer_files(uri: str) -> Path:
-    """Download only the tokenizer and config of a bucket model (not the weights), and check
-    the listing has weights."""
-    keys = _check_bucket_model(uri)
-    dest = Path(tempfile.mkdtemp(prefix="sft-job-tok-"))
-    for k in keys:
-        if k in TOKENIZER_FILES:
-            storage.get(storage.join(uri, k), dest / k)
-    return dest
+    return None, meta
 
 
 def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Path) -> None:
@@ -414,10 +331,10 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
     import numpy as np
 
     from sft_job.data import _cpus, all_truncated
-    from sft_job.data.formats import CHATML_TEMPLATE
     from sft_job.data.prepared import kept_batches, length_facts, split_mask
     from sft_job.data.stream import read_source
     from sft_job.data.tokenize import slot_efficiency, token_stats
+    from sft_job.models.chat import ensure_template
 
     d = rep.facts["data"]
     from sft_job.data.formats import resolve_template
@@ -437,7 +354,7 @@ def _check_tokens(spec: JobSpec, tok: Any, n_samples: int, rep: Report, work: Pa
     if template.startswith("ChatML"):
         rep.warnings.append("the tokenizer has no chat template: chat rows are rendered with "
                             "ChatML (set model.chat_template to choose another)")
-        tok.chat_template = CHATML_TEMPLATE
+        ensure_template(tok, warn=False)  # as the run's data step does
     rep.facts["tokenizer"] = {"eos": tok.eos_token, "pad": tok.pad_token, "bos": tok.bos_token,
                               "pad_is_eos": tok.pad_token_id == tok.eos_token_id,
                               "chat_template": template}
@@ -481,7 +398,7 @@ def _check_stops(batches: Any, tok: Any, max_length: int, rep: Report, n_first: 
     batch at a time; returns the stop ids and the first `n_first` rows."""
     from sft_job.data.formats import special_tokens
     from sft_job.data.prepared import stop_counts
-    from sft_job.models.gguf import END_OF_TURN
+    from sft_job.models.chat import END_OF_TURN
 
     specials = set(special_tokens(tok))
     stops = {tok.eos_token_id} | {tok.convert_tokens_to_ids(t) for t in (*END_OF_TURN, "</s>")
@@ -527,14 +444,14 @@ def _render(row: dict[str, list[int]], tok: Any, stops: set[int]) -> dict[str, A
             "trained": [x != -100 for x in row["labels"]]}
 
 
-def _estimate_memory(spec: JobSpec, rep: Report) -> None:
+def _estimate_memory(spec: JobSpec, rep: Report, meta: Path | str | None) -> None:
     from sft_job.errors import ModelError
     from sft_job.memory import estimate
     from sft_job.models.load import loading
 
     try:
         with loading("model.base", f"the config of {spec.model.base}"):
-            est = estimate(spec)
+            est = estimate(spec, meta)
     except ModelError as e:  # the config itself is unusable: so would the run be
         rep.error("model.base", e)
         return

@@ -201,8 +201,9 @@ class Reporter:
                     self._busy = False
                     self._cond.notify_all()
 
-    def callback(self, collator_ref: list[Any]) -> Any:
-        """A TrainerCallback feeding the reporter: steps, losses, speed, checkpoint saves."""
+    def callback(self, collator: Any) -> Any:
+        """A TrainerCallback feeding the reporter: steps, losses, speed, checkpoint saves.
+        `collator`: the trainer's CountingCollator (tokens handed out, for tokens/s)."""
         from transformers import TrainerCallback
 
         rep = self
@@ -214,7 +215,7 @@ class Reporter:
 
             def on_train_begin(self, args, state, control, **kw):
                 self.t0, self.step0 = time.monotonic(), state.global_step
-                self.tokens0 = collator_ref[0].tokens if collator_ref else 0
+                self.tokens0 = collator.tokens
                 rep.update(force=True, phase="training", step=state.global_step,
                            max_steps=state.max_steps)
 
@@ -241,7 +242,7 @@ class Reporter:
                 out: dict[str, Any] = {"step": state.global_step, "max_steps": state.max_steps}
                 if done > 0 and dt > 0:
                     out["seconds_per_step"] = round(dt / done, 3)
-                    tokens = (collator_ref[0].tokens if collator_ref else 0) - self.tokens0
+                    tokens = collator.tokens - self.tokens0
                     out["tokens_per_s"] = round(tokens / dt, 1) if tokens else None
                 return out
 

@@ -1,38 +1,40 @@
 """The job spec: a pydantic model of one fine-tuning job, the only place defaults live.
 
-Load with `load_spec(path_or_uri, overrides)`: YAML (bounded, specyaml.py) -> `${ENV}`
-interpolation -> `--set a.b=v` overrides -> no credential values -> validation. Every problem is
-reported at once, each with its dotted field path. Every float is finite, every number bounded.
+Validation needs nothing but the document: no file, bucket or network is read here (the
+loader, specload.py, reads the spec from a path or bucket). Every problem is reported at once,
+each with its dotted field path. Every float is finite, every number bounded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from sft_job import credentials
-from sft_job.errors import SpecError
-from sft_job.specbase import SEED, Location, Strict, endpoint_problem, hub_repo_problem
-from sft_job.specyaml import MAX_SPEC_BYTES, interpolate_env, load_yaml
-from sft_job.train.passthrough import TrainerSpec, trainer_refusal
+from sft_job.specbase import SEED, DeepSpeedField, Location, Strict, hub_repo_problem
+from sft_job.spectrainer import TrainerSpec
+from sft_job.uri import endpoint_problem
 
-__all__ = ["JobSpec", "Strict", "TrainerSpec", "apply_override", "dump_spec",
-           "interpolate_env", "load_spec", "parse_spec"]
+__all__ = ["JobSpec", "Strict", "TrainerSpec", "dump_spec"]
 
-DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3-offload")
 BUILTIN_MODELS = ("builtin:tiny-llama", "builtin:tiny-gpt2", "builtin:smollm2-135m")
 # data.* fields that say where and how data is prepared, never what the rows are
 DATA_HOW = ("cache_uri", "cache_wait_minutes", "num_proc")
 # Fields that change where metrics go or where data is prepared, never the trained model: left
 # out of the run hash and of the resume check, so adding a tracker to a preempted run's spec (or
-# moving its data cache) still resumes it.
-RUN_NEUTRAL: dict[str, Any] = {"train": {"report_to"}, "data": set(DATA_HOW)}
+# moving its data cache) still resumes it. Sections left out whole: where outputs go, samples,
+# resource hints.
+RUN_NEUTRAL: dict[str, Any] = {"train": {"report_to"}, "data": set(DATA_HOW),
+                               "output": True, "eval": True, "resources": True}
 
 
 class ModelSpec(Strict):
@@ -250,8 +252,8 @@ class JobSpec(Strict):
     backend: Literal["auto", "cuda", "tpu", "cpu"] = Field(
         "auto", description="Hardware: auto picks cuda, then tpu, then cpu."
     )
-    deepspeed: Annotated[str, Field(min_length=1)] = Field(
-        "none",
+    deepspeed: DeepSpeedField = Field(
+        "none", validate_default=True,
         description="DeepSpeed ZeRO: none | zero2 | zero3 | zero3-offload | path to a JSON config.",
     )
     output: OutputSpec
@@ -264,42 +266,59 @@ class JobSpec(Strict):
     )
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> JobSpec:
-        problems = combination_problems(self)
+    def _check_combinations(self, info: ValidationInfo) -> JobSpec:
+        # the one input from outside the spec, given by the loader (environment.py)
+        on_cpu = bool((info.context or {}).get("deepspeed_on_cpu"))
+        problems = combination_problems(self, on_cpu)
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     def data_cache_uri(self) -> str:
         """Where prepared data is cached: data.cache_uri, else <output.uri>/prepared."""
-        from sft_job.storage.base import join
+        from sft_job.uri import join
 
         return self.data.cache_uri or join(self.output.uri, "prepared")
 
+    def training_fields(self) -> dict[str, Any]:
+        """The fields that change the trained weights (RUN_NEUTRAL left out): a checkpoint
+        made with others is another run's (checkpoint/sync.py refuses to resume from it)."""
+        return self.model_dump(mode="json", exclude=RUN_NEUTRAL)
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields that change what the run publishes: the training fields and
+        output.merge (whether model/ holds the merged model). A finished run is this spec's
+        only when they are equal (pipeline's done check); `run_hash` hashes them."""
+        return {**self.training_fields(), "output": {"merge": self.output.merge}}
+
     def run_hash(self) -> str:
-        """Hash of the fields that change the trained model (not where outputs or metrics go)."""
-        d = self.model_dump(mode="json", exclude=RUN_NEUTRAL)
-        d["output"] = {k: d["output"][k] for k in ("merge",)}
-        d.pop("eval", None)
-        d.pop("resources", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of `result_fields` (not where outputs or metrics go)."""
+        return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()
+                              ).hexdigest()[:16]
 
 
-def combination_problems(spec: JobSpec) -> list[str]:
-    """Combinations that cannot run, each naming its field and the fix."""
+def changed_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted fields that differ between two dumped specs (or parts of them)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b))
+                for d in changed_fields(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if a != b else []
+
+
+def combination_problems(spec: JobSpec, deepspeed_on_cpu: bool = False) -> list[str]:
+    """Combinations that cannot run, each naming its field and the fix. `deepspeed_on_cpu`:
+    the testing switch that lets DeepSpeed run over gloo on CPU (environment.py)."""
     out: list[str] = []
     ds = spec.deepspeed
-    if ds not in DEEPSPEED_PRESETS and not ds.endswith(".json"):
-        out.append(f"deepspeed: '{ds}' is not one of {', '.join(DEEPSPEED_PRESETS)} or a .json path")
     if spec.method.kind == "qlora" and spec.backend == "tpu":
         out.append("method.kind: qlora needs bitsandbytes on a CUDA GPU or CPU, not backend: tpu; "
                    "use lora")
-    if ds != "none" and spec.backend == "tpu":
+    if ds.enabled and spec.backend == "tpu":
         out.append("deepspeed: DeepSpeed does not run on TPU; set deepspeed: none (TPU uses FSDPv2)")
-    if ds != "none" and spec.backend == "cpu" and os.environ.get("SFT_JOB_DEEPSPEED_ON_CPU") != "1":
+    if ds.enabled and spec.backend == "cpu" and not deepspeed_on_cpu:
         out.append("deepspeed: DeepSpeed is for GPUs; set deepspeed: none with backend: cpu "
                    "(multi-process CPU runs use DDP over gloo)")
-    if spec.method.kind == "qlora" and ds.startswith("zero3"):
+    if spec.method.kind == "qlora" and ds.stage == 3:
         out.append("deepspeed: ZeRO-3 cannot shard pre-quantized 4-bit weights; use zero2 or none "
                    "with method.kind: qlora")
     if spec.output.push_to_hub and spec.output.hub_push == "merged" and not spec.output.merge \
@@ -314,98 +333,6 @@ def combination_problems(spec: JobSpec) -> list[str]:
     if problem:
         out.append(f"output.push_to_hub: {problem}")
     return out
-
-
-# ---------------------------------------------------------------- loading
-
-
-def apply_override(doc: dict[str, Any], assignment: str) -> None:
-    """Apply one `a.b.c=value` override; the value is parsed as YAML (so 1, true, [a] work)."""
-    if "=" not in assignment:
-        raise SpecError(f"--set {assignment!r}: expected key.path=value")
-    path, raw = assignment.split("=", 1)
-    keys = path.strip().split(".")
-    if not all(keys):
-        raise SpecError(f"--set {assignment!r}: empty key in '{path}'")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    node = doc
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise SpecError(f"--set {assignment!r}: '{k}' is not a section")
-        node = nxt
-    node[keys[-1]] = value
-
-
-def parse_spec(text: str, source: str, overrides: list[str] | None = None) -> JobSpec:
-    """Parse YAML text into a validated JobSpec, or raise SpecError listing every problem."""
-    doc = load_yaml(text, source)
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        raise SpecError(f"{source}: a job spec is a YAML mapping, got {type(doc).__name__}")
-    # top-level x-* keys hold YAML anchors for `<<: *name` merges (as in Compose files)
-    doc = interpolate_env({k: v for k, v in doc.items()
-                           if not (isinstance(k, str) and k.startswith("x-"))}, source)
-    for o in overrides or []:
-        apply_override(doc, o)
-    leaked = credentials.find_in(doc)
-    if leaked:
-        raise SpecError(f"{source}: " + "; ".join(
-            f"{where}: holds the value of the credential variable {name}; credentials never go "
-            "in a spec (it is written to job.yaml and the model card): the job reads them from "
-            "the environment itself" for where, name in leaked))
-    try:
-        return JobSpec.model_validate(doc)
-    except ValidationError as e:
-        raise SpecError(f"{source}: " + format_validation_error(e)) from None
-
-
-def format_validation_error(e: ValidationError) -> str:
-    """One line per problem joined by '; ', each 'field.path: message'."""
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden" and err["loc"][:1] == ("trainer",):
-            msg = trainer_refusal(str(err["loc"][-1]))
-        elif err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `sft-job schema` lists the fields)"
-        elif err["type"] == "missing":
-            msg = "required field missing"
-        msg = msg.removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
-
-
-def load_spec(source: str, overrides: list[str] | None = None) -> JobSpec:
-    """Load a spec from a local path or a storage URI (s3://, gs://, file://)."""
-    if "://" in source and not source.startswith("file://"):
-        from sft_job import storage
-
-        info = storage.stat(source)
-        if info is not None and info.size > MAX_SPEC_BYTES:
-            raise SpecError(f"{source}: the spec is {info.size:,} bytes; a job spec is at most "
-                            f"{MAX_SPEC_BYTES:,}")
-        try:
-            text = storage.read_text(source)
-        except UnicodeDecodeError as e:
-            raise SpecError(f"{source}: not UTF-8 text (byte {e.start})") from None
-    else:
-        path = Path(source.removeprefix("file://"))
-        if not path.is_file():
-            raise SpecError(f"{source}: spec file not found")
-        if path.stat().st_size > MAX_SPEC_BYTES:
-            raise SpecError(f"{source}: the spec is {path.stat().st_size:,} bytes; a job spec is "
-                            f"at most {MAX_SPEC_BYTES:,}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise SpecError(f"{source}: not UTF-8 text (byte {e.start})") from None
-    return parse_spec(text, source, overrides)
 
 
 def dump_spec(spec: JobSpec) -> str:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from sft_job.storage.base import uri_problem
+from sft_job.uri import uri_problem
 
 
 class Strict(BaseModel):
@@ -40,16 +40,41 @@ def hub_repo_problem(repo_id: str) -> str | None:
     return None
 
 
-def endpoint_problem(url: str) -> str | None:
-    """Why `url` cannot be an S3 endpoint (http(s)://host[:port][/path]), or None."""
-    from urllib.parse import urlsplit
+DEEPSPEED_PRESETS = ("none", "zero2", "zero3", "zero3-offload")
 
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        return f"'{url}' is not a URL ({e})"
-    if parts.scheme not in ("http", "https") or not parts.hostname or any(
-            ord(c) < 33 for c in url) or parts.query or parts.fragment or port == 0:
-        return f"'{url}' is not an endpoint URL like https://host[:port]"
-    return None
+
+class DeepSpeed(str):
+    """`deepspeed:` interpreted once: off ('none'), a ZeRO preset, or the path of a user's
+    JSON config. A str (it is what the YAML holds), with the answers callers need."""
+
+    @property
+    def enabled(self) -> bool:
+        return self != "none"
+
+    @property
+    def preset(self) -> str | None:
+        """zero2 | zero3 | zero3-offload, or None (off, or a JSON file)."""
+        return str(self) if self.enabled and self in DEEPSPEED_PRESETS else None
+
+    @property
+    def config_file(self) -> str | None:
+        """The user's JSON config, or None."""
+        return str(self) if self.endswith(".json") else None
+
+    @property
+    def stage(self) -> int | None:
+        """The ZeRO stage of a preset (a JSON file's is read from it: train/deepspeed.py)."""
+        return None if self.preset is None else 3 if self.preset.startswith("zero3") else 2
+
+    @property
+    def offload(self) -> bool:
+        return self.preset == "zero3-offload"
+
+
+def _deepspeed(value: str) -> DeepSpeed:
+    if value not in DEEPSPEED_PRESETS and not value.endswith(".json"):
+        raise ValueError(f"'{value}' is not one of {', '.join(DEEPSPEED_PRESETS)} or a .json path")
+    return DeepSpeed(value)
+
+
+DeepSpeedField = Annotated[str, Field(min_length=1), AfterValidator(_deepspeed)]

@@ -42,6 +42,51 @@ def test_help_is_fast_and_imports_nothing_heavy() -> None:
     assert res.stdout.strip() == "[]", res.stdout
 
 
+def test_usage_error_is_one_line_exit_2(tmp_path: Path) -> None:
+    res = run_cli(["run", "jobs/smoke-cpu.yaml", "--bogus"], tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "error: No such option: --bogus (see sft-job --help)"], res.stderr
+
+
+MAIN_RAISING = ("import sys, sft_job.spec, sft_job.errors as e\n"
+                "def boom(*a, **k):\n"
+                "    raise {exc}\n"
+                "sft_job.spec.json_schema = boom\n"
+                "sys.argv = ['sft-job', 'schema']\n"
+                "from sft_job.cli import main\n"
+                "main()\n")
+
+
+@pytest.mark.parametrize(("exc", "code", "first"), [
+    ("e.AccessError('denied on s3://b/x')", 3, "error: denied on s3://b/x"),
+    ("e.TransientError('storage\\nunavailable')", 75, "error: storage unavailable"),
+    ("RuntimeError('boom')", 1, "Traceback (most recent call last):"),
+    ("e.Preempted('checkpoint 3 committed')", 75, "error: checkpoint 3 committed"),
+])
+def test_main_maps_errors_by_class(exc: str, code: int, first: str) -> None:
+    """cli.main is the one error boundary: the class of the error decides the exit code and
+    the message (schema's work is replaced by a function raising it, in a real subprocess)."""
+    res = subprocess.run([sys.executable, "-c", MAIN_RAISING.format(exc=exc)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == code, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines[0] == first, res.stderr
+    if code == 1:
+        assert "RuntimeError: boom" in res.stderr and "(a bug)" in lines[-1]
+    else:
+        assert len(lines) == 1 and "Traceback" not in res.stderr
+
+
+def test_an_import_error_in_the_data_commands_surfaces() -> None:
+    """The `data` commands are registered like the others: a broken import fails loudly
+    instead of silently dropping the command."""
+    code = "import sys\nsys.modules['sft_job.cli.data'] = None\nimport sft_job.cli\n"
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1 and "import of sft_job.cli.data halted" in res.stderr, res.stderr
+
+
 def test_schema_is_json_schema_of_the_spec() -> None:
     res = runner.invoke(app, ["schema"])
     schema = json.loads(res.output)
@@ -84,7 +129,7 @@ def test_output_uri_that_is_a_file_is_exit_3(tmp_path: Path, sft_cache: Path) ->
 
 
 def test_set_override_reaches_the_spec(tmp_path: Path) -> None:
-    from sft_job.spec import load_spec
+    from sft_job.specload import load_spec
 
     spec = load_spec(str(REPO / "jobs/smoke-cpu.yaml"), ["train.epochs=1", "data.packing=false",
                                                           f"output.uri={tmp_path}"])

@@ -28,7 +28,7 @@ def test_there_are_jobs() -> None:
 def test_job_validates(path: Path, tmp_path: Path, sft_cache: Path) -> None:
     import yaml
 
-    from sft_job.spec import load_spec
+    from sft_job.specload import load_spec
 
     spec = load_spec(str(path))  # the spec as written parses and passes every combination rule
     sets = [f"output.uri={tmp_path / 'out'}"]

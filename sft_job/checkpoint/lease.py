@@ -32,7 +32,7 @@ from sft_job import storage
 from sft_job.errors import OutputInUse, SftJobError
 from sft_job.spec import JobSpec
 from sft_job.storage import conditional
-from sft_job.storage.base import is_remote, split_uri
+from sft_job.uri import is_remote, split_uri
 
 log = logging.getLogger(__name__)
 

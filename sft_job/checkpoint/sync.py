@@ -19,7 +19,6 @@ run's); during a periodic save, which then becomes the stop checkpoint, with no 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,8 @@ from sft_job import storage
 from sft_job.checkpoint import commit
 from sft_job.checkpoint.commit import step_name
 from sft_job.errors import EXIT_ACCESS, EXIT_BUG, EXIT_RETRY, Preempted, SftJobError, SpecError
-from sft_job.spec import JobSpec
+from sft_job.spec import JobSpec, changed_fields
+from sft_job.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -43,44 +43,10 @@ METRICS_FILE = "sft_job_metrics.jsonl"
 
 
 @dataclass(frozen=True)
-class Topology:
-    """Where this process sits: global rank and world size, node and node count, local rank."""
-
-    rank: int = 0
-    world: int = 1
-    node: int = 0
-    nodes: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Topology:
-        """From the variables torch's elastic launcher sets (GROUP_RANK is the node)."""
-        env = os.environ
-        rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
-        local_world = max(1, int(env.get("LOCAL_WORLD_SIZE") or world))
-        return cls(rank, world, int(env.get("GROUP_RANK") or rank // local_world),
-                   int(env.get("GROUP_WORLD_SIZE") or max(1, world // local_world)),
-                   int(env.get("LOCAL_RANK", "0")))
-
-
-@dataclass(frozen=True)
 class Resume:
     dir: Path
     step: int
     eval_pending: bool = False  # the stop abandoned the evaluation at this step: run it first
-
-
-def data_hash(files: list[Path]) -> str:
-    """sha256 over the data files' names and contents (a changed dataset is a different run)."""
-    h = hashlib.sha256()
-    for f in sorted(files):
-        paths = sorted(p for p in f.rglob("*") if p.is_file()) if f.is_dir() else [f]
-        for p in paths:
-            h.update(p.name.encode())
-            with p.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def link_copy(src: Path, dest: Path, files: list[str] | None = None) -> Path:
@@ -325,15 +291,8 @@ def _changed_fields(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     if saved.get("data_hash") and saved["data_hash"] != now["data_hash"]:
         out.append("data files")
     old, new = saved.get("spec", {}), now["spec"]
-    out += [f"spec {k}" for k in _diff(old, new)]
+    out += [f"spec {k}" for k in changed_fields(old, new)]
     return out
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = sorted(set(a) | set(b))
-        return [d for k in keys for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [prefix.rstrip(".")] if a != b else []
 
 
 def is_final(resume_dir: Path) -> bool:
@@ -371,10 +330,7 @@ def restore_metrics(resume_dir: Path, metrics_path: Path, step: int) -> None:
 
 
 def run_state(spec: JobSpec, data_files_hash: str) -> dict[str, Any]:
-    """What a checkpoint records about the run that made it (`data_hash` of its data files)."""
-    from sft_job.spec import RUN_NEUTRAL
-
-    d = spec.model_dump(mode="json", exclude=RUN_NEUTRAL)
-    for k in ("output", "eval", "resources"):
-        d.pop(k, None)
-    return {"spec_hash": spec.run_hash(), "data_hash": data_files_hash, "spec": d}
+    """What a checkpoint records about the run that made it (`data_hash` of its data files):
+    a resume compares the training fields (spec.training_fields); output.merge may change."""
+    return {"spec_hash": spec.run_hash(), "data_hash": data_files_hash,
+            "spec": spec.training_fields()}

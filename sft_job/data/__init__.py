@@ -79,15 +79,15 @@ def build(spec: DataSpec, tokenizer: Any, workdir: Path, *, cache_uri: str | Non
     copied to `local_root` (this machine's scratch shared by its ranks) and used from there."""
     from datasets import Dataset
 
-    from sft_job.data import cache, formats
+    from sft_job.data import cache
+    from sft_job.models.chat import ensure_template
 
     uri = spec.cache_uri or cache_uri or str(workdir / "prepared")
     entry = cache.obtain(spec, tokenizer, workdir, uri, local_root or workdir / "prepared",
                          procs=spec.num_proc or _cpus(), check_stop=check_stop)
     meta = entry.meta
-    if meta["format"] == "chat" and not getattr(tokenizer, "chat_template", None):
-        log.warning("the tokenizer has no chat template: chat rows are rendered with ChatML")
-        tokenizer.chat_template = formats.CHATML_TEMPLATE  # as preparing did: the model ships it
+    if meta["format"] == "chat":
+        ensure_template(tokenizer)  # as preparing did: the model ships it
     stats = dict(meta["stats"])
     stats["train_lengths"] = _lengths(entry.dir / "lengths.npy")
     stats["prepared"] = {"uri": entry.uri, "here": entry.prepared_here,

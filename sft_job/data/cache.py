@@ -32,7 +32,9 @@ from sft_job import storage
 from sft_job.data.prepared import FILES, VERSION, prepare_dir
 from sft_job.errors import DataError, TransientError
 from sft_job.spec import DATA_HOW, DataSpec
-from sft_job.storage.base import COMMIT_MARKER, is_remote, split_uri
+from sft_job.storage.base import COMMIT_MARKER
+from sft_job.topology import here
+from sft_job.uri import is_remote, split_uri
 
 log = logging.getLogger("sft_job.data")
 
@@ -112,15 +114,15 @@ def obtain(spec: DataSpec, tokenizer: Any, workdir: Path, cache_uri: str, local_
     uri = storage.join(cache_uri, key)
     remote = is_remote(cache_uri)
     local = local_root / key if remote else Path(split_uri(uri)[2])
-    rank, local_rank = _rank("RANK"), _rank("LOCAL_RANK")
+    topo = here()
     wait_s = spec.cache_wait_minutes * 60
     stop = check_stop or (lambda: None)
-    if local_rank != 0:  # another rank of this node makes the folder (prepared or downloaded)
+    if topo.local_rank != 0:  # another rank of this node makes the folder (prepared or downloaded)
         return _waited(local, uri, key, wait_s, stop, f"this node's first rank to ready {uri}",
                        lambda: _problem(local, key) is None)
     if remote:
         _clear_others(local_root, key)
-        if rank != 0:
+        if not topo.is_main:
             return _waited(local, uri, key, wait_s, stop, f"rank 0 to commit {uri}",
                            lambda: _download(uri, local, key))
         if _problem(local, key) is None or _download(uri, local, key):
@@ -253,10 +255,6 @@ def _clear_others(root: Path, key: str) -> None:
 
 def _meta(d: Path) -> dict[str, Any]:
     return json.loads((d / "meta.json").read_text())
-
-
-def _rank(var: str) -> int:
-    return int(os.environ.get(var, "0"))
 
 
 def _hash(doc: Any) -> str:

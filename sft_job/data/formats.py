@@ -25,6 +25,7 @@ from typing import Any
 
 from sft_job.data.load import Record
 from sft_job.errors import DataError
+from sft_job.models.chat import CHATML_TEMPLATE, fallback, has_template
 from sft_job.spec import DataSpec
 
 FORMATS = ("alpaca", "chat", "prompt-response", "text")
@@ -39,12 +40,6 @@ STANFORD_TEMPLATE = (
 STANFORD_TEMPLATE_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
@@ -89,7 +84,7 @@ def resolve_template(spec: DataSpec, tokenizer: Any) -> str:
     auto = the model's chat template when the tokenizer has one)."""
     if spec.template != "auto":
         return spec.template
-    return "model" if getattr(tokenizer, "chat_template", None) else "native"
+    return "model" if has_template(tokenizer) else "native"
 
 
 def detect(rows: list[dict[str, Any]], spec: DataSpec, source: str = "") -> str:
@@ -220,7 +215,7 @@ def _chat(msgs: list[dict[str, str]], tokenizer: Any, specials: list[str] | None
     """Segments of a conversation rendered by the tokenizer's template: every assistant reply
     with its end-of-turn token trained, the rest masked, nothing after the last reply."""
     # a tokenizer without a chat template (GPT-2, GPT-Neo) gets ChatML
-    template = None if getattr(tokenizer, "chat_template", None) else CHATML_TEMPLATE
+    template = fallback(tokenizer)
     specials = special_tokens(tokenizer) if specials is None else specials
 
     def render(ms: list[dict[str, str]], gen: bool) -> str:
@@ -324,10 +319,9 @@ def prompt_for(user_text: str, fmt: str, spec: DataSpec, tokenizer: Any) -> str:
     chat = fmt == "chat" or (fmt in ("alpaca", "prompt-response")
                              and resolve_template(spec, tokenizer) == "model")
     if chat:
-        template = None if getattr(tokenizer, "chat_template", None) else CHATML_TEMPLATE
         return tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
                                              tokenize=False, add_generation_prompt=True,
-                                             chat_template=template)
+                                             chat_template=fallback(tokenizer))
     if fmt == "alpaca":
         return alpaca_prompt(user_text, "", spec.alpaca_template)
     if fmt == "prompt-response":

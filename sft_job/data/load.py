@@ -46,7 +46,7 @@ class ReadResult:
 def fetch(uri: str, workdir: Path) -> Path:
     """Make `uri` available locally: a local path is used in place, a bucket object or prefix
     is downloaded under `workdir/data/`."""
-    from sft_job.storage.base import is_remote
+    from sft_job.uri import is_remote
 
     if not is_remote(uri):
         path = Path(uri.removeprefix("file://")).expanduser()

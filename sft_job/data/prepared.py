@@ -11,6 +11,7 @@ multiple of TRL's batch, so the packed rows are the ones packing all rows at onc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -234,9 +235,16 @@ def _stats(train: Source, ev: Source | None, t: TokenStats, e: TokenStats, spec:
 
 
 def _data_hash(files: list[Path]) -> str:
-    from sft_job.checkpoint.sync import data_hash
-
-    return data_hash(files)
+    """sha256 over the data files' names and contents (a changed dataset is a different run)."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        paths = sorted(p for p in f.rglob("*") if p.is_file()) if f.is_dir() else [f]
+        for p in paths:
+            h.update(p.name.encode())
+            with p.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def _example_json(ex: Example) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from sft_job.data import formats, load
 from sft_job.data.formats import Example, RowError
 from sft_job.data.load import Malformed, Record
 from sft_job.errors import DataError, TransientError
+from sft_job.models.chat import ensure_template
 from sft_job.spec import DataSpec
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,8 @@ def read_source(uri: str, spec: DataSpec, tokenizer: Any | None, workdir: Path, 
     fmt = fmt or _format([r.row for r in recs], spec, uri)
     if tokenizer is None:
         tokenizer = formats.PlainChatML()
-    elif fmt == "chat" and not getattr(tokenizer, "chat_template", None):
-        log.warning("the tokenizer has no chat template: chat rows are rendered with ChatML")
-        tokenizer.chat_template = formats.CHATML_TEMPLATE
+    elif fmt == "chat":
+        ensure_template(tokenizer)
     template = formats.resolve_template(spec, tokenizer) \
         if fmt in ("alpaca", "prompt-response") else "model" if fmt == "chat" else "native"
     src = Source(uri, fmt, template, load.source_files(path))

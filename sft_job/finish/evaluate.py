@@ -1,10 +1,12 @@
-"""Evaluation: eval loss and perplexity, and greedy generations for the before/after samples."""
+"""Evaluation for the report: perplexity, greedy generations for the before/after samples, and
+the model and prompts of `sft-job generate` (its command is sft_job/cli/model.py). The eval
+loss itself is train/evaluate.py (the trainer's callback runs it too)."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,79 +34,6 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
     if was_training:
         model.train()
     return outs
-
-
-def eval_loss(trainer: Any, rows: Any,
-              should_stop: Callable[[], bool] | None = None) -> tuple[float | None, int]:
-    """(loss per trained token, trained tokens) of the model over the eval rows: the sum of
-    every trained token's loss over all batches and ranks, divided by their number. (The
-    Trainer's own evaluate() averages per-batch means, which weighs a short batch's tokens more
-    than a long one's.) Each rank takes rows rank::world, and every rank runs the same number
-    of forward passes (ZeRO-3 gathers weights collectively), repeating its last batch with no
-    weight when it runs out. `rows`: a list of row dicts or a datasets.Dataset. `should_stop`
-    is asked between batches, collectively: the evaluation is abandoned (None) when any rank
-    says stop. On XLA (one process drives every device) the process evaluates every row."""
-    import torch
-
-    from sft_job.checkpoint.preempt import agree
-
-    model = trainer.model
-    device = trainer.args.device
-    collate = getattr(trainer.data_collator, "inner", trainer.data_collator)  # not counted
-    own_head = getattr(trainer, "sft_job_lm_head", None) == "trained-positions"
-    if own_head:
-        from sft_job.train.loss import token_nll
-    dist = _dist()
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist else (1, 0)
-    n_rows = len(rows)
-    mine = range(rank, n_rows, world)
-    bs = trainer.args.per_device_eval_batch_size
-    n_batches = -(-max(len(range(r, n_rows, world)) for r in range(world)) // bs)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64)  # loss sum, tokens
-    batch = None
-    stopped = False
-    with torch.no_grad():
-        for i in range(n_batches):
-            if should_stop is not None and agree(should_stop()):
-                stopped = True
-                break
-            chunk = [rows[j] for j in mine[i * bs:(i + 1) * bs]]  # a list or a Dataset
-            if chunk:
-                batch = collate(chunk)
-            if batch is None:  # this rank has no rows at all: it still joins every pass
-                batch = collate([rows[0]])
-            inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            if own_head:  # the training loss's own head: logits of trained positions only
-                nll, n = token_nll(model, inputs)
-                nll, n = float(nll), int(n)
-            else:
-                n = int((batch["labels"][..., 1:] != -100).sum())
-                nll = float(model(**inputs).loss) * n
-            if chunk:
-                total += torch.tensor([nll, n], dtype=torch.float64)
-    if was_training:
-        model.train()
-    if stopped:
-        return None, 0
-    if dist:
-        t = total.to(device) if dist.get_backend() == "nccl" else total
-        dist.all_reduce(t)
-        total = t.cpu()
-    tokens = int(total[1])
-    if not tokens:
-        return None, 0
-    return float(total[0] / total[1]), tokens
-
-
-def _dist() -> Any:
-    """torch.distributed when it runs several ranks, else None."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -142,45 +71,62 @@ def samples_markdown(pairs: list[tuple[str, str]], before: list[str], after: lis
     return "\n".join(lines)
 
 
-def generate_cli(model_uri: str, prompts: list[str], max_new_tokens: int,
-                 adapter: str | None, raw: bool = False) -> None:
-    """`sft-job generate`: load a model (and adapter) from a folder or URI and print greedy
-    completions, each prompt formatted the way the job trained (see `training_format`)."""
-    import sys
-    import tempfile
+@dataclass
+class Generation:
+    """`sft-job generate`: a model (and adapter) from a folder or URI, and the prompts
+    formatted the way the job trained (see `training_format`)."""
 
-    import typer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_uri: str
+    model_dir: Path
+    adapter: str | None
+    adapter_dir: Path | None
+    tokenizer: Any
+    texts: list[str]
+    how: str  # how the prompts were formatted, for the user
 
-    from sft_job.data.formats import prompt_for
-    from sft_job.models.load import loading, resolve_model_dir
-    from sft_job.pipeline import setup_logging
+    @classmethod
+    def prepare(cls, model_uri: str, prompts: list[str], adapter: str | None = None,
+                raw: bool = False) -> Generation:
+        """Fetch the model (and adapter), load the tokenizer (the adapter's when it has one:
+        the run's) and format the prompts; no weights are loaded yet."""
+        import tempfile
 
-    setup_logging()
-    model_dir = resolve_model_dir(model_uri)
-    with loading("model", f"the tokenizer of {model_uri}"):
-        tok = AutoTokenizer.from_pretrained(model_dir)
-    if adapter:
+        from transformers import AutoTokenizer
+
+        from sft_job.data.formats import prompt_for
         from sft_job.data.load import fetch
+        from sft_job.models.load import loading
+        from sft_job.models.source import resolve_model_dir
 
-        adapter_dir = fetch(adapter, Path(tempfile.mkdtemp(prefix="sft-job-")))
-        if (adapter_dir / "tokenizer_config.json").is_file():  # the run's tokenizer
-            with loading("--adapter", f"the tokenizer of {adapter}"):
-                tok = AutoTokenizer.from_pretrained(adapter_dir)
-    fmt, data_spec, how = ("text", None, "as given (--raw)") if raw else \
-        training_format(adapter or model_uri, tok)
-    typer.echo(f"prompts formatted {how}", err=True)
-    texts = [p if data_spec is None else prompt_for(p, fmt, data_spec, tok) for p in prompts]
-    with loading("model", model_uri):
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if adapter:
-        from peft import PeftModel
+        model_dir = resolve_model_dir(model_uri)
+        with loading("model", f"the tokenizer of {model_uri}"):
+            tok = AutoTokenizer.from_pretrained(model_dir)
+        adapter_dir = None
+        if adapter:
+            adapter_dir = fetch(adapter, Path(tempfile.mkdtemp(prefix="sft-job-")))
+            if (adapter_dir / "tokenizer_config.json").is_file():  # the run's tokenizer
+                with loading("--adapter", f"the tokenizer of {adapter}"):
+                    tok = AutoTokenizer.from_pretrained(adapter_dir)
+        fmt, data_spec, how = ("text", None, "as given (--raw)") if raw else \
+            training_format(adapter or model_uri, tok)
+        texts = [p if data_spec is None else prompt_for(p, fmt, data_spec, tok) for p in prompts]
+        return cls(model_uri, model_dir, adapter, adapter_dir, tok, texts, how)
 
-        with loading("--adapter", f"{adapter} onto {model_uri} (is it for this model?)"):
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
-    for p, out in zip(prompts, generate(model, tok, texts, max_new_tokens), strict=True):
-        typer.echo(f"### {p}\n{out}\n")
-    sys.stdout.flush()
+    def outputs(self, max_new_tokens: int) -> list[str]:
+        """Load the weights (and the adapter on top) and complete every prompt greedily."""
+        from transformers import AutoModelForCausalLM
+
+        from sft_job.models.load import loading
+
+        with loading("model", self.model_uri):
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir)
+        if self.adapter_dir is not None:
+            from peft import PeftModel
+
+            with loading("--adapter", f"{self.adapter} onto {self.model_uri} (is it for this "
+                         "model?)"):
+                model = PeftModel.from_pretrained(model, str(self.adapter_dir))
+        return generate(model, self.tokenizer, self.texts, max_new_tokens)
 
 
 def training_format(uri: str, tokenizer: Any) -> tuple[str, Any, str]:

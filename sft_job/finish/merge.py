@@ -170,16 +170,16 @@ def max_logit_diff(base_dir: Path, adapter_dir: Path, merged_dir: Path,
         return float((want - got(input_ids=x).logits).abs().max())
 
 
-def merge_cli(base: str, adapter: str, out: str) -> None:
+def merge_to(base: str, adapter: str, out: str) -> None:
     """`sft-job merge BASE ADAPTER OUT`: fetch, merge shard by shard, write/upload."""
-    import typer
     from transformers import AutoTokenizer
 
     from sft_job import storage
     from sft_job.data.load import fetch
     from sft_job.errors import SpecError
-    from sft_job.models.load import loading, resolve_model_dir
-    from sft_job.storage.base import is_remote, overlap
+    from sft_job.models.load import loading
+    from sft_job.models.source import resolve_model_dir
+    from sft_job.uri import is_remote, overlap
 
     for a, b in ((out, base), (out, adapter)):
         if overlap(a, b):
@@ -197,4 +197,3 @@ def merge_cli(base: str, adapter: str, out: str) -> None:
         merge_adapter(base_dir, adapter_dir, local_out, tok)
     if is_remote(out):
         storage.put_dir(local_out, out, commit=True)
-    typer.echo(f"merged model written to {out}")

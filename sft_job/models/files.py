@@ -16,6 +16,8 @@ from pathlib import Path
 from sft_job.errors import ModelError
 
 MAX_HEADER = 100 << 20  # safetensors' own limit
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def check_config(path: Path, base: str) -> dict:
@@ -84,3 +86,15 @@ def check_weights(path: Path, base: str) -> None:
     for f in sorted(path.glob("pytorch_model*.bin")):
         if f.stat().st_size == 0:
             raise ModelError(f"model.base: {base}/{f.name} is empty; re-upload it")
+
+
+def check_model_dir(path: Path, base: str) -> None:
+    """A model folder needs a config and weights: fail here, not deep inside transformers."""
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.base: {base} has no config.json; is it a saved model folder?")
+    has_weights = any((path / f).is_file() for f in WEIGHT_FILES) or any(path.glob("*.safetensors"))
+    if not has_weights:
+        raise ModelError(f"model.base: {base} has no weights (*.safetensors or pytorch_model.bin); "
+                         "was the upload incomplete?")
+    check_config(path, base)
+    check_weights(path, base)

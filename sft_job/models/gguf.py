@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from sft_job.errors import ModelError, SpecError
+from sft_job.models.chat import END_OF_TURN
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
-# Tokens chat templates end a turn with; generation stops at any that the vocabulary has.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 def _require_gguf() -> None:

@@ -1,4 +1,4 @@
-"""Base model and tokenizer: resolve model.base to a local folder, load, apply full/LoRA/QLoRA."""
+"""Base model and tokenizer, loaded from a local folder (models/source.py finds it); full/LoRA/QLoRA."""
 
 from __future__ import annotations
 
@@ -9,152 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from sft_job.errors import (
-    AccessError,
     ModelError,
     SftJobError,
     SpecError,
-    TransientError,
     UnsupportedError,
 )
-from sft_job.models import source
 from sft_job.spec import MethodSpec, ModelSpec
 
 log = logging.getLogger(__name__)
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-
-
-def resolve_model_dir(base: str, revision: str | None = None, dtype: str = "float32") -> Path:
-    """A local folder holding the model `base` names (built, downloaded, converted or cached
-    once). A GGUF file is dequantized to `dtype` (the training dtype)."""
-    src = source.parse(base)
-    if src.kind == "builtin":
-        from sft_job.models.builtin import build_builtin
-
-        return build_builtin(base)
-    if src.gguf:
-        return gguf_model_dir(src, revision, dtype)
-    if src.kind == "bucket":
-        from sft_job.storage.cache import fetch_model
-
-        path = fetch_model(base)
-    elif src.kind == "local":
-        path = src.path
-        if not path.is_dir():
-            raise ModelError(f"model.base: {base} is not a directory (or a .gguf file)")
-    else:
-        path = _hub_snapshot(src.location, revision)
-    check_model_dir(path, base)
-    return path
-
-
-def gguf_file(src: source.ModelSource, revision: str | None = None) -> Path:
-    """The local path of a GGUF source (downloaded once from a bucket or the Hub)."""
-    if src.kind == "local":
-        path = src.path
-        if not path.is_file():
-            raise ModelError(f"model.base: {src.uri}: no such file")
-        return path
-    if src.kind == "bucket":
-        from sft_job.storage.cache import fetch_file
-
-        return fetch_file(src.uri)
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(src.location, src.filename or "", revision=revision))
-    except LocalEntryNotFoundError:
-        raise AccessError(f"model.base: {src.uri} is not in the local Hugging Face cache and "
-                          "the Hub cannot be reached") from None
-    except HfHubHTTPError as e:
-        raise AccessError(f"model.base: cannot download {src.uri} from the Hub "
-                          f"({e.response.status_code if e.response is not None else 'no response'})"
-                          ) from None
-
-
-def gguf_model_dir(src: source.ModelSource, revision: str | None, dtype: str,
-                   weights: bool = True) -> Path:
-    """The safetensors folder converted from a GGUF source (cached; see models/gguf.py)."""
-    from sft_job.models import gguf
-    from sft_job.storage.cache import cache_root
-
-    return gguf.cached_dir(gguf_file(src, revision), dtype, cache_root() / "gguf", weights)
-
-
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(
-            repo_id, revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py",
-                            "tokenizer*"],
-        ))
-    except LocalEntryNotFoundError:
-        raise AccessError(f"model.base: {repo_id} is not in the local Hugging Face cache and the "
-                          "Hub cannot be reached (HF_HUB_OFFLINE set or no network)") from None
-    except HfHubHTTPError as e:
-        raise AccessError(f"model.base: cannot download {repo_id} from the Hub "
-                          f"({e.response.status_code if e.response is not None else 'no response'}); "
-                          "check the id and HF_TOKEN for gated/private models") from None
-
-
-def check_hub_model(repo_id: str, revision: str | None = None) -> None:
-    """A Hub model exists and is readable (one metadata call; offline: it is in the local
-    cache), without downloading it. AccessError (exit 3) if not, SpecError for a bad id."""
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        HTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        if constants.HF_HUB_OFFLINE:
-            if not isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision),
-                              str):
-                raise AccessError(f"model.base: {repo_id} is not in the local Hugging Face cache "
-                                  "and the Hub cannot be reached (HF_HUB_OFFLINE is set)")
-            return
-        HfApi().model_info(repo_id, revision=revision)
-    except HFValidationError as e:
-        raise SpecError(f"model.base: '{repo_id}' is not a Hub model id "
-                        f"({str(e).splitlines()[0]})") from None
-    except GatedRepoError:
-        raise AccessError(f"model.base: {repo_id} is gated: accept its terms on the Hub and set "
-                          "HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise AccessError(f"model.base: {repo_id}: no such model on the Hub (or it is private: "
-                          "set HF_TOKEN)") from None
-    except RevisionNotFoundError:
-        raise SpecError(f"model.revision: {revision!r} does not exist in {repo_id}") from None
-    except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else "no response"
-        raise AccessError(f"model.base: cannot read {repo_id} on the Hub ({status})") from None
-    except (HTTPError, OSError) as e:  # connection refused, DNS, timeouts
-        raise TransientError(f"model.base: the Hub cannot be reached for {repo_id} "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-
-
-def check_model_dir(path: Path, base: str) -> None:
-    """A model folder needs a config and weights: fail here, not deep inside transformers."""
-    if not (path / "config.json").is_file():
-        raise ModelError(f"model.base: {base} has no config.json; is it a saved model folder?")
-    has_weights = any((path / f).is_file() for f in WEIGHT_FILES) or any(path.glob("*.safetensors"))
-    if not has_weights:
-        raise ModelError(f"model.base: {base} has no weights (*.safetensors or pytorch_model.bin); "
-                         "was the upload incomplete?")
-    from sft_job.models.files import check_config, check_weights
-
-    check_config(path, base)
-    check_weights(path, base)
-
 
 @contextlib.contextmanager
 def loading(what: str, src: Any) -> Iterator[None]:
@@ -185,7 +47,7 @@ def load_tokenizer(spec: ModelSpec, model_dir: Path, need_chat_template: bool) -
     """Tokenizer with a pad token and (for chat data) a chat template, ChatML when none."""
     from transformers import AutoTokenizer
 
-    from sft_job.data.formats import CHATML_TEMPLATE
+    from sft_job.models.chat import CHATML_TEMPLATE, ensure_template
 
     src = spec.tokenizer or str(model_dir)
     if spec.tokenizer and spec.tokenizer.startswith(("s3://", "gs://")):
@@ -207,9 +69,8 @@ def load_tokenizer(spec: ModelSpec, model_dir: Path, need_chat_template: bool) -
         tok.chat_template = CHATML_TEMPLATE
     elif spec.chat_template:
         tok.chat_template = spec.chat_template
-    elif need_chat_template and not tok.chat_template:
-        log.warning("tokenizer has no chat template: using ChatML")
-        tok.chat_template = CHATML_TEMPLATE
+    elif need_chat_template:
+        ensure_template(tok)
     return tok
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sft_job.errors import AccessError
-from sft_job.storage.base import COMMIT_MARKER, SETTINGS, ObjectInfo, Store, join, split_uri
+from sft_job.storage.base import COMMIT_MARKER, SETTINGS, ObjectInfo, Store
 from sft_job.storage.checksum import ChecksumError
+from sft_job.uri import join, split_uri
 
 __all__ = [
     "COMMIT_MARKER",
@@ -24,7 +24,6 @@ __all__ = [
     "credential_source",
     "delete_prefix",
     "exists",
-    "fetch",
     "get",
     "get_dir",
     "is_committed",
@@ -155,16 +154,6 @@ def credential_source(uri: str) -> str:
     without touching the bucket; AccessError if there are none (S3, GCS)."""
     store, _ = open_store(uri)
     return store.credential_source()
-
-
-def fetch(uri: str, dest: Path) -> Path:
-    """Download `uri` to `dest`: an object to the file `dest`, a prefix into the folder `dest`."""
-    store, key = open_store(uri)
-    if store.list(key):
-        return store.get_prefix(key, Path(dest))
-    if store.exists(key):
-        return store.get_file(key, Path(dest))
-    raise AccessError(f"{uri}: no such object or prefix")
 
 
 def committed_dirs(uri: str, pattern: str = r"step-\d+") -> list[str]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from sft_job import storage
 from sft_job.errors import AccessError
-from sft_job.storage.base import COMMIT_MARKER, is_remote
+from sft_job.storage.base import COMMIT_MARKER
+from sft_job.uri import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def work_root() -> Path:
 def job_workdir(name: str, run_hash: str, output_uri: str) -> Path:
     """The work folder of one job on one output: <work_root>/<name>-<spec hash>-<output hash>
     (two outputs never share one)."""
-    from sft_job.storage.base import location_key
+    from sft_job.uri import location_key
 
     out = hashlib.sha256(repr(location_key(output_uri)).encode()).hexdigest()[:8]
     return work_root() / f"{name}-{run_hash[:8]}-{out}"

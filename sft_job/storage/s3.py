@@ -392,7 +392,7 @@ def _cached_client(endpoint_url: str | None, _env: tuple[str | None, ...]) -> tu
     custom = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
         "AWS_ENDPOINT_URL")
     if custom:
-        from sft_job.specbase import endpoint_problem
+        from sft_job.uri import endpoint_problem
 
         problem = endpoint_problem(custom)
         if problem:

@@ -36,7 +36,7 @@ VERSION = 1
 
 class Journal:
     def __init__(self, out_uri: str, workdir: Path, checkpoint_seconds: float = 30.0) -> None:
-        from sft_job.storage.base import is_remote, split_uri
+        from sft_job.uri import is_remote, split_uri
 
         self.uri = out_uri + SUFFIX
         self.out_uri = out_uri

@@ -67,7 +67,7 @@ def load_topics(uri: str) -> TopicsFile:
     import yaml
 
     from sft_job import storage
-    from sft_job.storage.base import is_remote
+    from sft_job.uri import is_remote
 
     if is_remote(uri):
         text = storage.read_text(uri)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sft_job.environment import require
 from sft_job.errors import UnsupportedError
 from sft_job.spec import JobSpec
 
@@ -68,11 +69,7 @@ def resolve(spec: JobSpec) -> Backend:
     if name == "tpu" and spec.model.attn_implementation in ("varlen_sdpa", "flash_attention_2"):
         raise UnsupportedError(f"model.attn_implementation: {spec.model.attn_implementation} does not "
                                "run on TPU (static shapes); use auto or eager")
-    if name == "tpu" and importlib.util.find_spec("torch_xla") is None:
-        raise UnsupportedError("backend: tpu needs torch_xla (use the TPU image or `pip install "
-                               "sft-job[tpu]`)")
-    if spec.method.kind == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        raise UnsupportedError("method.kind: qlora needs bitsandbytes (`pip install sft-job[qlora]`)")
+    require(spec, name)  # the optional packages the spec needs on this backend
     if name == "cuda":
         return _cuda(spec)
     if name == "tpu":

@@ -12,10 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sft_job.environment import DEEPSPEED_ON_CPU, deepspeed_on_cpu
 from sft_job.errors import SpecError, UnsupportedError
 from sft_job.spec import JobSpec
-
-CPU_OPT_IN = "SFT_JOB_DEEPSPEED_ON_CPU"
 
 
 def _zero(stage: int, offload: bool) -> dict[str, Any]:
@@ -40,13 +39,12 @@ def _zero(stage: int, offload: bool) -> dict[str, Any]:
 def config(spec: JobSpec) -> dict[str, Any] | None:
     """The DeepSpeed config dict for SFTConfig(deepspeed=...), None when off."""
     ds = spec.deepspeed
-    if ds == "none":
+    if not ds.enabled:
         return None
-    if ds.endswith(".json"):
-        return _user_config(Path(ds), spec)
-    stage = 3 if ds.startswith("zero3") else 2
+    if ds.config_file:
+        return _user_config(Path(ds.config_file), spec)
     return {
-        "zero_optimization": _zero(stage, offload=ds == "zero3-offload"),
+        "zero_optimization": _zero(ds.stage or 2, offload=ds.offload),
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": "auto"},
         "train_micro_batch_size_per_gpu": "auto",
@@ -81,18 +79,14 @@ def _user_config(path: Path, spec: JobSpec) -> dict[str, Any]:
     return cfg
 
 
-def stage(cfg: dict[str, Any] | None) -> int:
-    return int((cfg or {}).get("zero_optimization", {}).get("stage", 0))
-
-
 def prepare_cpu(backend_name: str) -> dict[str, Any]:
     """Extra SFTConfig fields for DeepSpeed on CPU (gloo), which is only for testing the ZeRO
     code path: it must be asked for with SFT_JOB_DEEPSPEED_ON_CPU=1."""
     if backend_name != "cpu":
         return {}
-    if os.environ.get(CPU_OPT_IN) != "1":
+    if not deepspeed_on_cpu():
         raise UnsupportedError("deepspeed: DeepSpeed is for GPUs; set deepspeed: none on CPU "
-                               f"({CPU_OPT_IN}=1 runs it over gloo, for testing only)")
+                               f"({DEEPSPEED_ON_CPU}=1 runs it over gloo, for testing only)")
     # accelerate and DeepSpeed disagree about the world size on CPU unless the distributed
     # state is created first with gloo and reused (see shared NOTES: the configured-state trap).
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from sft_job.errors import EXIT_ACCESS, EXIT_BUG, EXIT_RETRY, EXIT_SPEC
 from sft_job.spec import JobSpec
+from sft_job.topology import in_launcher
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,6 @@ class LaunchPlan:
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
-
-
-def in_launcher() -> bool:
-    """This process is a rank started by torchrun/accelerate/deepspeed (or our launcher)."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def plan(spec: JobSpec) -> LaunchPlan | None:

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from sft_job.data import DataBundle
 from sft_job.data.tokenize import make_collator
 from sft_job.errors import SpecError
 from sft_job.spec import JobSpec
+from sft_job.topology import here
 from sft_job.train import guard, trackers
 from sft_job.train.backends import Backend, flattens
 from sft_job.train.passthrough import check_settings
@@ -65,7 +67,7 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path) -> Any:
         "max_grad_norm": t.max_grad_norm,
         "logging_steps": t.logging_steps,
         "logging_first_step": True,
-        # evaluation is the job's own token-weighted loop (finish/evaluate.py), run by
+        # evaluation is the job's own token-weighted loop (train/evaluate.py), run by
         # evaluation_callback every train.eval_steps and once at the end
         "eval_strategy": "no",
         "save_strategy": "steps" if spec.output.save_every_steps else "no",
@@ -90,7 +92,7 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path) -> Any:
     if ds is not None:
         args["deepspeed"] = ds
         args.update(deepspeed.prepare_cpu(backend.name))
-    if backend.name == "cpu" and ds is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if backend.name == "cpu" and ds is None and here().distributed:
         args["ddp_backend"] = "gloo"  # use_cpu + gloo: real DDP, not N copies of the job
     args["logging_nan_inf_filter"] = False  # a NaN loss must show: the guard stops on it
     args.update(spec.trainer.fields_set())
@@ -102,17 +104,39 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path) -> Any:
     return config
 
 
+@dataclass
+class BuiltTrainer:
+    """An SFTTrainer and what its callers need beside it."""
+
+    trainer: Any
+    collator: CountingCollator  # tokens and slots handed out: tokens/s, packing efficiency
+    lm_head: str  # what computes the loss: "trained-positions" (train/loss.py) or "trl"
+
+    @property
+    def own_head(self) -> bool:
+        """Whether the loss (and the eval loss) is the job's head over trained positions."""
+        return self.lm_head == "trained-positions"
+
+
+def counting_collator(spec: JobSpec, backend: Backend, model: Any,
+                      tokenizer: Any) -> CountingCollator:
+    """The collator the trainer will use; made before it so callbacks can read its counts."""
+    return CountingCollator(make_collator(
+        tokenizer.pad_token_id, packing=spec.data.packing, flatten=flattens(model),
+        pad_to_multiple_of=None if backend.name != "tpu" else spec.data.max_length))
+
+
 def build_trainer(spec: JobSpec, backend: Backend, model: Any, tokenizer: Any,
-                  bundle: DataBundle, output_dir: Path, callbacks: list[Any]) -> Any:
-    """An SFTTrainer over pre-tokenized (and packed) rows."""
+                  bundle: DataBundle, output_dir: Path, callbacks: list[Any],
+                  collator: CountingCollator | None = None) -> BuiltTrainer:
+    """An SFTTrainer over pre-tokenized (and packed) rows; `collator` defaults to a new
+    `counting_collator`."""
     from trl import SFTTrainer
 
     from sft_job.models.load import lora_config
 
     config = sft_config(spec, backend, output_dir)
-    collator = CountingCollator(make_collator(
-        tokenizer.pad_token_id, packing=spec.data.packing, flatten=flattens(model),
-        pad_to_multiple_of=None if backend.name != "tpu" else spec.data.max_length))
+    collator = collator or counting_collator(spec, backend, model, tokenizer)
     trainer = SFTTrainer(
         model=model,
         args=config,
@@ -126,13 +150,12 @@ def build_trainer(spec: JobSpec, backend: Backend, model: Any, tokenizer: Any,
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our metrics callback logs one readable line
-    trainer.sft_job_collator = collator  # read by the metrics callback for tokens/s
-    trainer.sft_job_lm_head = _lm_head(trainer, backend)
+    built = BuiltTrainer(trainer, collator, _lm_head(trainer, backend))
     if backend.name == "tpu":
         from sft_job.train import xla
 
         xla.prepare(trainer)  # FSDPv2: optimizer before train(), clean state-dict names
-    return trainer
+    return built
 
 
 def _lm_head(trainer: Any, backend: Backend) -> str:
@@ -155,7 +178,7 @@ def precision(trainer: Any) -> str:
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
-def metrics_callback(path: Path, collator_ref: list[Any]) -> Any:
+def metrics_callback(path: Path, collator: CountingCollator) -> Any:
     """A TrainerCallback appending every log record to metrics.jsonl with tokens/s."""
     from transformers import TrainerCallback
 
@@ -170,7 +193,7 @@ def metrics_callback(path: Path, collator_ref: list[Any]) -> Any:
             if not state.is_world_process_zero or not logs:
                 return
             now = time.perf_counter()
-            tokens = collator_ref[0].tokens if collator_ref else 0
+            tokens = collator.tokens
             rec = {"step": state.global_step, **{k: _num(v) for k, v in logs.items()}}
             if "loss" in logs and now > self.last_t:
                 rec["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_t), 1)
@@ -191,16 +214,16 @@ def metrics_callback(path: Path, collator_ref: list[Any]) -> Any:
     return MetricsLogger()
 
 
-def evaluation_callback(trainer: Any, rows: Any, every: int | None,
+def evaluation_callback(built: BuiltTrainer, rows: Any, every: int | None,
                         stop: Any, first_at: int | None = None) -> Any:
-    """A TrainerCallback evaluating (token-weighted, finish/evaluate.py) every `every` steps
+    """A TrainerCallback evaluating (token-weighted, train/evaluate.py) every `every` steps
     but the last (the finish evaluates that one) and logging `eval_loss` through the trainer,
     so metrics.jsonl and trackers get it. An evaluation is skipped or abandoned when a stop is
     requested: the checkpoint comes first. `first_at`: a resumed run's step whose evaluation
     the stop abandoned, run before training goes on."""
     from transformers import TrainerCallback
 
-    from sft_job.finish.evaluate import eval_loss
+    from sft_job.train.evaluate import eval_loss
 
     class Evaluation(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -219,9 +242,10 @@ def evaluation_callback(trainer: Any, rows: Any, every: int | None,
 
         def _evaluate(self, step: int) -> None:
             log.info("step %d: evaluating (%d rows)", step, len(rows))
-            loss, tokens = eval_loss(trainer, rows, should_stop=lambda: bool(stop.requested))
+            loss, tokens = eval_loss(built.trainer, rows, own_head=built.own_head,
+                                     should_stop=lambda: bool(stop.requested))
             if loss is not None:
-                trainer.log({"eval_loss": loss, "eval_tokens": tokens})
+                built.trainer.log({"eval_loss": loss, "eval_tokens": tokens})
 
     return Evaluation()
 

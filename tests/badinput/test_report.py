@@ -34,7 +34,7 @@ def spec_file(tmp_path: Path, **over: object) -> Path:
 
 
 def load(path: Path) -> JobSpec:
-    from sft_job.spec import load_spec
+    from sft_job.specload import load_spec
 
     return load_spec(str(path))
 
@@ -135,7 +135,7 @@ def test_cheap_pass_imports_no_torch(tmp_path: Path, sft_cache: Path) -> None:
     transformers (so `run` can afford them before anything is downloaded)."""
     (tmp_path / "train.jsonl").write_text(SAMPLE.read_text())
     spec = spec_file(tmp_path)
-    code = ("import sys\nfrom sft_job.spec import load_spec\nfrom sft_job.preflight import "
+    code = ("import sys\nfrom sft_job.specload import load_spec\nfrom sft_job.preflight import "
             f"fast_checks\nrep = fast_checks(load_spec({str(spec)!r}))\n"
             "print(rep.facts['data']['usable'], sorted(m for m in ('torch', 'transformers', "
             "'trl') if m in sys.modules))")

@@ -117,7 +117,7 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path: Path, sft_cache: P
 def test_work_folders_are_keyed_by_output(tmp_path: Path, monkeypatch) -> None:
     """One spec, two outputs: two work folders (metrics never interleave)."""
     from sft_job.pipeline import workdir_for
-    from sft_job.spec import load_spec
+    from sft_job.specload import load_spec
 
     monkeypatch.setenv("SFT_JOB_WORKDIR", str(tmp_path))
     one = workdir_for(load_spec(str(REPO / "jobs/smoke-cpu.yaml"), [f"output.uri={tmp_path}/a"]))

@@ -206,7 +206,7 @@ def test_tensorboard_resume_hides_what_a_killed_attempt_logged_past_the_checkpoi
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    from sft_job.spec import load_spec
+    from sft_job.specload import load_spec
     from sft_job.train.trackers import Trackers
 
     logdir = tmp_path / "tb"

@@ -40,7 +40,7 @@ from k8s_jobset_schema import JOBSET
 
 from sft_job import errors
 from sft_job.cli import app
-from sft_job.spec import parse_spec
+from sft_job.specload import parse_spec
 
 K8S_VERSIONS = ("1.31.0", "1.37.0")  # oldest with podFailurePolicy GA; newest bundled
 GPU = {"gpu-lora": 1, "gpu-full-deepspeed": 8, "multinode": 8}
@@ -154,7 +154,7 @@ def test_scanners_still_catch_a_privileged_pod(tmp_path: Path) -> None:
 
 def test_embedded_specs_parse(manifests: dict[str, list[dict[str, Any]]]) -> None:
     """Every spec in a manifest's ConfigMap is a valid JobSpec. This calls the spec parser
-    (sft_job.spec.parse_spec), not `sft-job validate`: validate also probes the buckets and
+    (sft_job.specload.parse_spec), not `sft-job validate`: validate also probes the buckets and
     the Hub, and these specs name gs:// buckets and Hub models this machine cannot reach.
     test_submit_gpu_spec_passes_sft_job_validate runs the full `sft-job validate` on a spec
     that went through the same ConfigMap path."""

@@ -215,7 +215,7 @@ def test_a_gguf_path_converts_to_the_same_weights(smol_dir: Path, sft_cache: Pat
     from safetensors.torch import load_file
 
     from sft_job.models.builtin import packaged_file
-    from sft_job.models.load import resolve_model_dir
+    from sft_job.models.source import resolve_model_dir
 
     path = resolve_model_dir(str(packaged_file("smollm2-135m")))
     assert path != smol_dir and (path / "chat_template.jinja").is_file()

@@ -37,10 +37,8 @@ def test_file_verbs(root: str, small: Path, tmp_path: Path) -> None:
     assert storage.stat(uri).size == 8
     assert storage.stat(join(root, "data", "nope.json")) is None
     assert storage.get(uri, tmp_path / "x" / "t.json").read_text() == '{"a": 1}'
-    # a file is not a prefix: listing it finds nothing, fetch picks the right verb
+    # a file is not a prefix: listing it finds nothing
     assert storage.list_keys(uri) == []
-    assert storage.fetch(uri, tmp_path / "f.json").read_text() == '{"a": 1}'
-    assert storage.fetch(join(root, "data"), tmp_path / "d").joinpath("train.json").is_file()
 
     storage.write_text(join(root, "job.yaml"), "name: x\n")
     assert storage.read_text(join(root, "job.yaml")) == "name: x\n"

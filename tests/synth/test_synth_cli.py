@@ -151,8 +151,8 @@ def test_refused_key_is_exit_3(setup: dict) -> None:
 
 
 def test_commands_import_light() -> None:
-    """`sft-job --help` imports synth.commands: it must not pull httpx, numpy, pydantic, boto3."""
-    r = run([sys.executable, "-c", "import sys, sft_job.synth.commands; "
+    """`sft-job --help` imports cli/data.py: it must not pull httpx, numpy, pydantic, boto3."""
+    r = run([sys.executable, "-c", "import sys, sft_job.cli.data; "
              "print(sorted(m for m in ('httpx', 'numpy', 'pydantic', 'boto3') if m in sys.modules))"],
             dict(os.environ))
     assert r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 
 from sft_job.data import build, prepare, split
-from sft_job.data.formats import CHATML_TEMPLATE, Example, PlainChatML, detect, to_example
+from sft_job.data.formats import Example, PlainChatML, detect, to_example
 from sft_job.data.load import Record
 from sft_job.data.tokenize import IGNORE, tokenize_example
 from sft_job.errors import DataError
+from sft_job.models.chat import CHATML_TEMPLATE
 
 ALPACA = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
@@ -236,9 +237,9 @@ def test_chatml_when_the_tokenizer_has_none(tiny_llama_dir: Path, tmp_path: Path
 def test_plain_chatml_renders_exactly_like_the_jinja_template(gen: bool, spec_of: Callable) -> None:
     """The tokenizer-free stand-in (preflight, `data convert`) must agree with the template that
     training uses, or a row could pass the cheap check and fail the real one."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
-    jinja = ImmutableSandboxedEnvironment().from_string(CHATML_TEMPLATE)
+    jinja = _compile_jinja_template(CHATML_TEMPLATE)  # what apply_chat_template renders with
     assert PlainChatML().apply_chat_template(MULTI, add_generation_prompt=gen) == jinja.render(
         messages=MULTI, add_generation_prompt=gen)
     # to_example passes chat_template= to every tokenizer, the stand-in included

@@ -17,10 +17,11 @@ from pydantic import BaseModel
 
 from sft_job.credentials import is_credential_name
 from sft_job.errors import SpecError, TrainingDiverged
-from sft_job.spec import JobSpec, parse_spec
-from sft_job.storage.base import overlap, uri_problem
+from sft_job.spec import JobSpec
+from sft_job.specload import parse_spec
+from sft_job.spectrainer import TRAINER_OWNED, TrainerSpec
 from sft_job.train import guard
-from sft_job.train.passthrough import TRAINER_OWNED, TrainerSpec
+from sft_job.uri import overlap, uri_problem
 
 BASE = {"name": "t", "model": {"base": "builtin:tiny-llama"}, "data": {"train": "d.jsonl"},
         "output": {"uri": "/tmp/out"}}

@@ -98,8 +98,9 @@ def test_trainer_loss_and_gradients_equal_trls(tiny_llama_dir: Path, tmp_path: P
     """A flattened packed batch: our compute_loss == SFTTrainer's own, value and gradients."""
     import torch
 
-    trainer = _trainer(tiny_llama_dir, tmp_path, kind)
-    assert trainer.sft_job_lm_head == "trained-positions"
+    built = _trainer(tiny_llama_dir, tmp_path, kind)
+    assert built.lm_head == "trained-positions" and built.own_head
+    trainer = built.trainer
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert batch["input_ids"].shape[0] == 1  # flattened: varlen_sdpa
     model = trainer.model
@@ -123,7 +124,7 @@ def test_metrics_only_on_logged_steps(tiny_llama_dir: Path, tmp_path: Path,
     not on step 3, and each logged step carries them."""
     from sft_job.train import loss
 
-    trainer = _trainer(tiny_llama_dir, tmp_path, "lora", precision="bf16")
+    trainer = _trainer(tiny_llama_dir, tmp_path, "lora", precision="bf16").trainer
     calls: list[bool] = []
     real = loss.head_nll
     monkeypatch.setattr(loss, "head_nll", lambda *a, stats=False, **k:

@@ -326,8 +326,11 @@ class _Ranks:
 
         self.local = threading.local()
 
-    def __call__(self, var: str) -> int:
-        return getattr(self.local, var, 0)
+    def __call__(self) -> Any:
+        from sft_job.topology import Topology
+
+        return Topology(rank=getattr(self.local, "RANK", 0),
+                        local_rank=getattr(self.local, "LOCAL_RANK", 0))
 
 
 def test_other_ranks_wait_for_the_preparing_one(tok: Any, tiny_llama_dir: Path, tmp_path: Path,
@@ -337,7 +340,7 @@ def test_other_ranks_wait_for_the_preparing_one(tok: Any, tiny_llama_dir: Path, 
     from transformers import AutoTokenizer
 
     ranks = _Ranks()
-    monkeypatch.setattr(cache, "_rank", ranks)
+    monkeypatch.setattr(cache, "here", ranks)
     spec = _spec(tmp_path)
     got: dict[str, Any] = {}
 

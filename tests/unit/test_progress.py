@@ -12,7 +12,7 @@ import pytest
 
 from sft_job.errors import DataError, Preempted
 from sft_job.progress import Reporter
-from sft_job.spec import load_spec
+from sft_job.specload import load_spec
 from tests.conftest import REPO
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from sft_job.checkpoint.sync import _changed_fields, run_state
 from sft_job.errors import SpecError
-from sft_job.spec import load_spec
+from sft_job.specload import load_spec
 from sft_job.train import trackers
 from tests.conftest import REPO
 

@@ -10,14 +10,8 @@ import pytest
 import yaml
 
 from sft_job.errors import SpecError
-from sft_job.spec import (
-    JobSpec,
-    apply_override,
-    dump_spec,
-    interpolate_env,
-    load_spec,
-    parse_spec,
-)
+from sft_job.spec import JobSpec, dump_spec
+from sft_job.specload import apply_override, interpolate_env, load_spec, parse_spec
 
 BASE = {
     "name": "t",
@@ -293,6 +287,19 @@ def test_run_hash_ignores_where_outputs_go_but_not_training() -> None:
     for o in ("train.learning_rate=1.0e-5", "data.max_length=128", "method.r=4",
               "model.base=builtin:tiny-gpt2", "output.merge=false"):
         assert parse(doc(), [o]).run_hash() != a.run_hash(), o
+
+
+def test_output_merge_changes_the_published_result_not_the_training() -> None:
+    """One definition for both checks: a resume (training fields) accepts a changed
+    output.merge; the done check and run_hash (result fields) do not."""
+    from sft_job.spec import changed_fields
+
+    a, b = parse(doc()), parse(doc(), ["output.merge=false"])
+    assert a.training_fields() == b.training_fields()
+    assert a.run_hash() != b.run_hash()
+    assert changed_fields(a.result_fields(), b.result_fields()) == ["output.merge"]
+    c = parse(doc(), ["train.report_to=[tensorboard]"])  # run-neutral: neither
+    assert c.training_fields() == a.training_fields() and c.run_hash() == a.run_hash()
 
 
 def test_dump_spec_round_trip() -> None:

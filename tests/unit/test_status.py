@@ -21,7 +21,8 @@ import pytest
 
 from sft_job import storage
 from sft_job.errors import NoRunError
-from sft_job.spec import dump_spec, load_spec
+from sft_job.spec import dump_spec
+from sft_job.specload import load_spec
 from sft_job.status import read_status, render
 from tests.conftest import REPO, cli_env
 from tests.servers import S3Server, fault_proxy, s3_server, use_env

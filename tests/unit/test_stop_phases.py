@@ -16,7 +16,7 @@ from sft_job import storage
 from sft_job.checkpoint.preempt import StopFlag
 from sft_job.checkpoint.sync import STATE_FILE, callback
 from sft_job.checkpoint.uploader import Uploader
-from sft_job.spec import load_spec
+from sft_job.specload import load_spec
 from tests.conftest import REPO
 
 

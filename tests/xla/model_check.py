@@ -71,7 +71,7 @@ def main() -> None:
     from sft_job.data import build
     from sft_job.data.tokenize import make_collator
     from sft_job.models.load import load_tokenizer
-    from sft_job.spec import load_spec
+    from sft_job.specload import load_spec
 
     spec = load_spec(a.spec)
     device: Any = "cpu"

@@ -49,7 +49,7 @@ def _workdir() -> Path:
 
 def _read_text(uri: str, flag: str) -> str:
     from sft_job import storage
-    from sft_job.storage.base import is_remote
+    from sft_job.uri import is_remote
 
     if is_remote(uri):
         return storage.read_text(uri)
