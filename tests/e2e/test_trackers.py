@@ -16,12 +16,15 @@ Time on 2 busy cores: about 60 s (two short training runs and a few CLI calls).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import signal
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,14 +121,31 @@ def test_trackers_continue_across_a_preemption(s3: S3Server, sft_cache: Path, tm
     env = {**s3.env, **env_threads(), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
            "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(),
            "MLFLOW_ALLOW_FILE_STORE": "true", "SFT_JOB_WORKDIR": str(tmp_path / "work1")}
+    # the status as `sft-job status` sees it while the job runs, polled from the side: the
+    # tiny job trains 8 steps in ~2 s, too fast to read between a step and the SIGTERM
+    seen: list[dict[str, Any]] = []
+    polling = threading.Event()
+
+    def poll() -> None:
+        while not polling.is_set():
+            with contextlib.suppress(Exception):  # no run there yet (NoRunError), ...
+                seen.append(read_status(uri))
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll, daemon=True)
     with job(_args("run"), sft_cache, env) as j:
+        poller.start()
         j.wait_step(3)
-        running = read_status(uri)
         j.send(signal.SIGTERM)
-        assert j.wait(300) == 75, j.tail()
+        rc = j.wait(300)
+    polling.set()
+    poller.join(30)
+    assert rc == 75, j.tail()
     stopped = int(PREEMPTED.search(j.stderr).group(2))
-    assert running["phase"] == "training" and running["max_steps"] == MAX_STEPS, running
-    assert running["step"] >= 2 and running["eta"] is not None  # written at the step-2 save
+    running = [st for st in seen if st.get("phase") == "training" and (st.get("step") or 0) >= 2]
+    assert running, [(st.get("phase"), st.get("step")) for st in seen]
+    assert running[-1]["max_steps"] == MAX_STEPS, running[-1]
+    assert running[-1]["eta"] is not None, running[-1]  # written at the step-2 save
     st = _status(uri, sft_cache, s3.env)
     assert st["phase"] == "preempted" and st["exit_code"] == 75, st
     assert st["checkpoint"]["step"] == stopped and st["step"] == stopped
