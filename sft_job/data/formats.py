@@ -210,23 +210,56 @@ def _messages(row: dict[str, Any], spec: DataSpec) -> list[dict[str, str]]:
     return out
 
 
-def _chat(msgs: list[dict[str, str]], tokenizer: Any, specials: list[str] | None = None
-          ) -> list[tuple[str, bool]]:
-    """Segments of a conversation rendered by the tokenizer's template: every assistant reply
-    with its end-of-turn token trained, the rest masked, nothing after the last reply."""
-    # a tokenizer without a chat template (GPT-2, GPT-Neo) gets ChatML
-    template = fallback(tokenizer)
-    specials = special_tokens(tokenizer) if specials is None else specials
+class Renderer:
+    """Renders conversations with a tokenizer's chat template (ChatML when it has none), made
+    once per tokenizer and reused for many rows. It gives exactly what
+    `apply_chat_template(messages, tokenize=False)` gives for plain role/content messages, by
+    calling the same compiled template with the same variables (no tools, no documents, the
+    special tokens), without that call's per-call work (~50 us against ~19 us here; three
+    renders per row). Stand-ins without transformers' API (PlainChatML) are called as they are."""
 
-    def render(ms: list[dict[str, str]], gen: bool) -> str:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.template = fallback(tokenizer)
+        self.specials = special_tokens(tokenizer)
+        self._compiled: Any = None  # compiled on the first render (native rows never need it)
+        self._variables: dict[str, Any] = {}
+
+    def __call__(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         from jinja2 import TemplateError
 
         try:
-            return tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen,
-                                                 chat_template=template)
+            if self._compiled is None:
+                self._compiled = self._compile()
+            if self._compiled is False:
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=generation_prompt,
+                    chat_template=self.template)
+            return self._compiled.render(messages=messages, tools=None, documents=None,
+                                         add_generation_prompt=generation_prompt,
+                                         **self._variables)
         except TemplateError as e:  # e.g. a template that refuses a system turn
             raise RowError(f"the chat template rejects this conversation: {e}") from None
 
+    def _compile(self) -> Any:
+        """transformers' compiled template (False for a stand-in without its API)."""
+        tok = self.tokenizer
+        if not (hasattr(tok, "get_chat_template") and hasattr(tok, "special_tokens_map")):
+            return False
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        self._variables = dict(tok.special_tokens_map)
+        return _compile_jinja_template(tok.get_chat_template(self.template))
+
+
+def _chat(msgs: list[dict[str, str]], render: Renderer) -> list[tuple[str, bool]]:
+    """Segments of a conversation rendered by the tokenizer's template: every assistant reply
+    with its end-of-turn token trained, the rest masked, nothing after the last reply."""
+    specials = render.specials
+    if all(m["role"] != "assistant" for m in msgs[:-1]):
+        # one reply, at the end (alpaca, prompt-response, single-turn chat): the prompt and the
+        # whole conversation are the only renders the segments need
+        return _chat_last_turn(msgs, render, specials)
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(msgs):
@@ -259,16 +292,17 @@ def _split_turn_end(turn: str, content: str, specials: list[str]) -> tuple[str, 
     return turn[: i + len(tok)], turn[i + len(tok):]
 
 
-def _chat_last_turn(msgs: list[dict[str, str]], render: Any, specials: list[str]
+def _chat_last_turn(msgs: list[dict[str, str]], render: Renderer, specials: list[str]
                     ) -> list[tuple[str, bool]]:
-    """For templates that re-render earlier turns (not prefix-stable): train the last turn."""
+    """Train the last turn only: a conversation with one reply, or a template that re-renders
+    earlier turns (not prefix-stable)."""
     head = render(msgs[:-1], True)
     full = render(msgs, False)
     if not full.startswith(head):
         raise RowError("the chat template does not render a prompt that prefixes the full "
                        "conversation; set model.chat_template: chatml")
     reply, after = _split_turn_end(full[len(head):], msgs[-1]["content"], specials)
-    return [(head, False), (reply, True), (after, False)]
+    return [s for s in [(head, False), (reply, True), (after, False)] if s[0]]
 
 
 def _as_messages(row: dict[str, Any], fmt: str, spec: DataSpec) -> list[dict[str, str]]:
@@ -285,14 +319,15 @@ def _as_messages(row: dict[str, Any], fmt: str, spec: DataSpec) -> list[dict[str
 
 
 def to_example(rec: Record, fmt: str, spec: DataSpec, tokenizer: Any,
-               specials: list[str] | None = None) -> Example:
-    """Render one record; raises RowError when the row does not fit `fmt`. `specials`:
-    special_tokens(tokenizer), when the caller renders many rows with one tokenizer."""
+               render: Renderer | None = None) -> Example:
+    """Render one record; raises RowError when the row does not fit `fmt`. `render`:
+    Renderer(tokenizer), made once when the caller renders many rows with one tokenizer."""
     row = rec.row
+    render = Renderer(tokenizer) if render is None else render
     if fmt == "chat":
-        segs = _chat(_messages(row, spec), tokenizer, specials)
+        segs = _chat(_messages(row, spec), render)
     elif fmt in ("alpaca", "prompt-response") and resolve_template(spec, tokenizer) == "model":
-        segs = _chat(_as_messages(row, fmt, spec), tokenizer, specials)
+        segs = _chat(_as_messages(row, fmt, spec), render)
     elif fmt == "alpaca":
         segs = _alpaca(row, spec)
     elif fmt == "prompt-response":
@@ -306,8 +341,7 @@ def to_example(rec: Record, fmt: str, spec: DataSpec, tokenizer: Any,
     stop = False
     if fmt != "text" and last < len(segs):
         segs = segs[: last + 1]  # what a template adds after the last reply is never generated
-        stop = any(segs[-1][0].endswith(t)
-                   for t in (special_tokens(tokenizer) if specials is None else specials))
+        stop = any(segs[-1][0].endswith(t) for t in render.specials)
     if spec.train_on_prompt:
         segs = [(t, True) for t, _ in segs]
     return Example(segs, prompt, rec.source, stop)

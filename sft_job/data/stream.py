@@ -287,14 +287,13 @@ def _work(chunk: list[Record | Malformed], keep: bool) -> _Part:
     ctx = _CTX
     assert ctx is not None
     examples, read_bad, row_bad, ok = [], [], [], []
-    specials = formats.special_tokens(ctx.tokenizer)  # once per chunk, not twice per row
+    render = formats.Renderer(ctx.tokenizer)  # once per chunk, not per row
     for i, item in enumerate(chunk):
         if isinstance(item, Malformed):
             read_bad.append(item)
             continue
         try:
-            examples.append(formats.to_example(item, ctx.fmt, ctx.spec, ctx.tokenizer,
-                                               specials))
+            examples.append(formats.to_example(item, ctx.fmt, ctx.spec, ctx.tokenizer, render))
             ok.append(i)
         except RowError as e:
             row_bad.append(Malformed(item.source, str(e)))

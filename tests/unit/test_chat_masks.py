@@ -176,3 +176,39 @@ def test_chat_train_on_prompt_trains_every_token(family_tok: Callable, spec_of: 
     ex = to_example(Record({"messages": MULTI}, "f:1"), "chat", spec_of(train_on_prompt=True), tok)
     ids, labels = encode(tok, ex)
     assert labels == ids and ids[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
+
+
+@pytest.mark.parametrize("family", ["chatml", "llama3", "mistral", "zephyr", "noend"])
+def test_renderer_gives_what_apply_chat_template_gives(family_tok: Callable, family: str) -> None:
+    """The data step renders with the compiled template directly (formats.Renderer, made once
+    per chunk); every prefix of a conversation, with and without the generation prompt, is
+    byte-identical to transformers' own apply_chat_template, and so is a tokenizer without a
+    template (ChatML fallback)."""
+    from sft_job.data.formats import Renderer
+
+    tok = family_tok(family)
+    render = Renderer(tok)
+    odd = [{"role": "user", "content": "  spaces, {{ braces }}, <|im_end|> and\nnewlines  "},
+           {"role": "assistant", "content": "ok\n"}]
+    for conv in (MULTI, odd):
+        for i in range(1, len(conv) + 1):
+            for gen in (False, True):
+                want = tok.apply_chat_template(conv[:i], tokenize=False, add_generation_prompt=gen)
+                assert render(conv[:i], gen) == want, (family, i, gen)
+
+
+def test_renderer_chatml_fallback_and_template_errors(tok_no_template: Any) -> None:
+    """A tokenizer without a template renders with ChatML, as apply_chat_template(chat_template=
+    CHATML_TEMPLATE) does; a template that raises is a RowError naming the template's message."""
+    from sft_job.data.formats import Renderer, RowError
+    from sft_job.models.chat import CHATML_TEMPLATE
+
+    conv = MULTI[1:3]
+    got = Renderer(tok_no_template)(conv, False)
+    assert got == tok_no_template.apply_chat_template(conv, tokenize=False,
+                                                      chat_template=CHATML_TEMPLATE)
+    tok_no_template.chat_template = ("{% if messages[0]['role'] == 'system' %}"
+                                     "{{ raise_exception('no system turns') }}{% endif %}x")
+    with pytest.raises(RowError, match="rejects this conversation: no system turns"):
+        Renderer(tok_no_template)(MULTI, False)
+    tok_no_template.chat_template = None
