@@ -16,7 +16,7 @@ tokenizer-free row scan, which the old path runs too). Arms are interleaved, `--
 
 Arms: old@N (baseline, N rows), new@N cold (empty cache), new@BIG cold, then SIGTERM after
 its first committed checkpoint and a rerun (`warm`: process start -> first optimizer step,
-loading the committed cache), chat@CHAT cold, with --native old/new@N with
+loading the committed cache), chat@CHAT cold (with --old-chat the baseline too), with --native old/new@N with
 data.template=native (Alpaca's own template: no chat template to render), and once: 2 ranks on
 this machine (NPROC_PER_NODE=2), new@N cold, where rank 0 prepares and rank 1 waits.
 """
@@ -298,6 +298,8 @@ def main() -> None:
     ap.add_argument("--no-two-ranks", action="store_true")
     ap.add_argument("--native", action="store_true",
                     help="also old/new@N with data.template=native (no chat template rendering)")
+    ap.add_argument("--old-chat", action="store_true",
+                    help="also the baseline on the chat rows (old-chat@CHAT)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -329,9 +331,11 @@ def main() -> None:
             results.append({**warm_rerun(f"warm@{args.big_rows}", new, big, args.big_rows,
                                          "alpaca", work, out), "rep": rep})
             shutil.rmtree(out, ignore_errors=True)
-            r, out = run_arm(f"chat@{args.chat_rows}", new, chat, args.chat_rows, "chat", work)
-            results.append({**r, "rep": rep})
-            shutil.rmtree(out, ignore_errors=True)
+            for arm, code in ((("old-chat", old),) if args.old_chat else ()) + (("chat", new),):
+                r, out = run_arm(f"{arm}@{args.chat_rows}", code, chat, args.chat_rows, "chat",
+                                 work)
+                results.append({**r, "rep": rep})
+                shutil.rmtree(out, ignore_errors=True)
             if args.native:  # alpaca rows in their own template (no chat template to render)
                 for arm, code in (("old", old), ("new", new)):
                     r, out = run_arm(f"{arm}-native@{args.rows}", code, small, args.rows,
@@ -380,7 +384,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
                       by.get(f"new@{args.big_rows}", []))
     compare = [(f"new@{args.rows}", old, new), (f"new@{args.big_rows}", old, bign),
                (f"new-native@{args.rows}", by.get(f"old-native@{args.rows}", []),
-                by.get(f"new-native@{args.rows}", []))]
+                by.get(f"new-native@{args.rows}", [])),
+               (f"chat@{args.chat_rows}", by.get(f"old-chat@{args.chat_rows}", []),
+                by.get(f"chat@{args.chat_rows}", []))]
     for label, base, other in compare:
         if base and other:
             pairs = list(zip(base, other, strict=False))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,18 +133,21 @@ def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
 
 
 def test_watch_refreshes_until_done(tmp_path: Path) -> None:
+    """--watch prints a line per refresh while the run trains and stops after `done`; the run
+    finishes only once two refreshes were read (a fixed sleep raced a slow start under load)."""
     run = lay_out(tmp_path / "r", training(ago=0), ckpts=(200,))
-
-    def finish() -> None:
-        time.sleep(1.5)
+    p = subprocess.Popen([sys.executable, "-m", "sft_job", "status", str(run), "--json", "--watch",
+                          "--interval", "0.2"], cwd=REPO, env=cli_env(Path("/nonexistent")),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        lines = [p.stdout.readline(), p.stdout.readline()]
         (run / "_SUCCESS").write_text("")
-
-    t = threading.Thread(target=finish)
-    t.start()
-    r = _cli(str(run), "--json", "--watch", "--interval", "0.2")
-    t.join()
-    assert r.returncode == 0, r.stderr
-    phases = [json.loads(ln)["phase"] for ln in r.stdout.splitlines()]
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    phases = [json.loads(ln)["phase"] for ln in lines + out.splitlines()]
     assert len(phases) >= 3 and phases[-1] == "done" and set(phases[:-1]) == {"training"}
 
 
