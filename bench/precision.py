@@ -76,7 +76,8 @@ def train_one(data: Path, work: Path, args: argparse.Namespace, arm: str, seed: 
     out = trainer.train()
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    ev = eval_loss(trainer.model, bundle.eval, tok.pad_token_id)
+    rows = bundle.eval.to_list() if hasattr(bundle.eval, "to_list") else bundle.eval  # Arrow
+    ev = eval_loss(trainer.model, rows, tok.pad_token_id)
     return {"arm": arm, "seed": seed, "steps": trainer.state.global_step,
             "train_loss_mean": out.training_loss, "train_loss_last": losses[-1],
             "eval_loss": ev, "wall_s": wall, "cpu_s": cpu,
