@@ -77,6 +77,23 @@ def print_machine(info: dict[str, Any]) -> None:
           flush=True)
 
 
+def start(threads: int) -> dict[str, Any]:
+    """A benchmark's start: torch's intra-op threads, the job's logging (the job's own lines
+    at WARNING and above), the machine header printed; returns the machine facts."""
+    import logging
+
+    import torch
+
+    from sft_job.pipeline import setup_logging
+
+    torch.set_num_threads(threads)
+    setup_logging()
+    logging.getLogger("sft_job").setLevel(logging.WARNING)
+    info = machine()
+    print_machine(info)
+    return info
+
+
 class Clock:
     """Wall and process-CPU seconds of a block (CPU time counts every thread of the process;
     on a shared machine it moves far less than wall time with other people's load)."""
@@ -338,6 +355,49 @@ def model_dir(preset: str) -> Path:
         build_model_dir(tmp, preset)
         tmp.replace(d)
     return d
+
+
+def seed_trainer(mdir: Path, rows: list[dict[str, list[int]]], targs: Any, callbacks: list[Any],
+                 count: Any, *, dtype: str = "float32", pad_to: int | None = None,
+                 peft: Any = None) -> tuple[Any, Any, Any]:
+    """The seeds' recipe: HF Trainer over the rows' input_ids with
+    DataCollatorForLanguageModeling(mlm=False) (loss on every token, padded to the longest row
+    of each batch or to a multiple of `pad_to`), the model loaded with sdpa in `dtype` (LoRA
+    on it with `peft`). `count` wraps the collator. Returns (trainer, collator, tokenizer)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    tok = AutoTokenizer.from_pretrained(str(mdir))
+    model = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=getattr(torch, dtype),
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False
+    if peft is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft)
+    collator = count(DataCollatorForLanguageModeling(tok, mlm=False, pad_to_multiple_of=pad_to))
+    trainer = Trainer(model=model, args=targs, data_collator=collator, callbacks=callbacks,
+                      train_dataset=Dataset.from_list([{"input_ids": r["input_ids"]} for r in rows]))
+    trainer.remove_callback(PrinterCallback)
+    return trainer, collator, tok
+
+
+def padded(rows: list[dict[str, list[int]]], pad_id: int) -> tuple[Any, Any, Any]:
+    """`rows` (input_ids, labels) as one batch padded to the longest: ids, attention mask and
+    labels (-100 on padding)."""
+    import torch
+
+    n = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), n), pad_id)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    lab = torch.full((len(rows), n), -100)
+    for j, r in enumerate(rows):
+        k = len(r["input_ids"])
+        ids[j, :k], mask[j, :k] = torch.tensor(r["input_ids"]), 1
+        lab[j, :k] = torch.tensor(r["labels"])
+    return ids, mask, lab
 
 
 def n_params(model: Any) -> int:

@@ -11,9 +11,10 @@ A. Full fine-tuning, bf16, the same Alpaca-like examples (bench/_common.py), one
    seed   HF Trainer + DataCollatorForLanguageModeling(mlm=False), batch 8 padded to the
           longest, sdpa attention; the model in bf16 like ours (--seed-fp32: fp32 weights +
           bf16 autocast, the seed's literal recipe)
-   ours   the job's code on its CUDA backend: sft_job.data.build (BFD packing into rows of
-          data.max_length=2048) + build_trainer; with flash-attn installed the backend uses
-          padding-free rows (varlen kernels), else packed rows with sdpa and per-sample masks
+   ours   the job's assembly on its CUDA backend (sft_job.prepare.assemble + trainer_for):
+          BFD packing into rows of data.max_length=2048, the job's SFTTrainer; with
+          flash-attn installed the backend uses padding-free rows (varlen kernels), else
+          packed rows with sdpa and per-sample masks
    Steps after --warmup-steps are timed (with CUDA syncs). Useful tokens = real tokens.
    MFU = useful FLOPs / (time x peak), useful FLOPs per sample of n tokens = 6*N*n + 6*L*d*n^2
    (N = parameters without the input embedding; the second term is causal attention,
@@ -149,61 +150,41 @@ def _spec(mdir: Path, data: Path, out: Path, args: argparse.Namespace, backend: 
 
 
 def arm_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, backend: str) -> dict:
-    from sft_job.data import build as build_data
-    from sft_job.models.load import load_model, load_tokenizer
-    from sft_job.train.backends import flattens, model_attn, resolve
-    from sft_job.train.trainer import build_trainer
+    from sft_job.prepare import assemble, trainer_for
+    from sft_job.train.backends import flattens
 
-    spec = _spec(mdir, data, work / "out", args, backend)
-    be = resolve(spec)
-    tok = load_tokenizer(spec.model, mdir, need_chat_template=False)
-    bundle = build_data(spec.data, tok, work / "data")
-    model = load_model(spec.model, spec.method, mdir, be.torch_dtype(),
-                       model_attn(mdir, be.attn, spec.data.max_length))
+    job = assemble(_spec(mdir, data, work / "out", args, backend), work / "data")
     clock = StepClock.make(args.warmup_steps)
-    trainer = build_trainer(spec, be, model, tok, bundle, work / "trainer", [clock]).trainer
+    trainer = trainer_for(job, work / "trainer", [clock]).trainer
     col = trainer.data_collator = _Counting(trainer.data_collator)
     _reset_memory()
     trainer.train()
     out = _figures(trainer, col, clock, args)
-    out.update({"attention": be.attn, "flattened": flattens(model), "dtype": be.dtype,
+    out.update({"attention": job.backend.attn, "flattened": flattens(job.model),
+                "dtype": job.backend.dtype,
                 "batch": f"{args.ours_batch} packed rows of <= {args.seq_len}"})
-    del trainer, model
+    del trainer, job
     return out
 
 
 def arm_seed(mdir: Path, rows: list[dict[str, list[int]]], work: Path, args: argparse.Namespace,
              on_gpu: bool) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        Trainer,
-        TrainingArguments,
-    )
-    from transformers.trainer_callback import PrinterCallback
+    """The seeds' recipe (bench/_common.seed_trainer), batch 8, in bf16 on the GPU."""
+    from transformers import TrainingArguments
 
-    tok = AutoTokenizer.from_pretrained(str(mdir))
-    dtype = torch.float32 if (args.seed_fp32 or not on_gpu) else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=dtype, attn_implementation="sdpa")
-    model.config.use_cache = False
+    dtype = "float32" if (args.seed_fp32 or not on_gpu) else "bfloat16"
     targs = TrainingArguments(
         output_dir=str(work / "seed"), per_device_train_batch_size=8, num_train_epochs=1,
         learning_rate=1e-5, bf16=on_gpu, use_cpu=not on_gpu, report_to="none", save_strategy="no",
         logging_steps=50, dataloader_num_workers=0, disable_tqdm=True, seed=42)
-    col = _Counting(DataCollatorForLanguageModeling(tok, mlm=False))
     clock = StepClock.make(args.warmup_steps)
-    trainer = Trainer(model=model, args=targs, data_collator=col, callbacks=[clock],
-                      train_dataset=Dataset.from_list([{"input_ids": r["input_ids"]} for r in rows]))
-    trainer.remove_callback(PrinterCallback)
+    trainer, col, _ = c.seed_trainer(mdir, rows, targs, [clock], _Counting, dtype=dtype)
     _reset_memory()
     trainer.train()
     out = _figures(trainer, col, clock, args)
-    out.update({"attention": "sdpa", "flattened": False, "dtype": str(dtype).removeprefix("torch."),
+    out.update({"attention": "sdpa", "flattened": False, "dtype": dtype,
                 "batch": "8 rows padded to the longest"})
-    del trainer, model
+    del trainer
     return out
 
 
@@ -257,11 +238,8 @@ def part_a(args: argparse.Namespace, tmp: Path, on_gpu: bool) -> dict[str, Any]:
 
 
 def part_b(args: argparse.Namespace, tmp: Path, on_gpu: bool) -> dict[str, Any]:
-    from sft_job.data import build as build_data
-    from sft_job.models.load import load_model, load_tokenizer
+    from sft_job.prepare import assemble, trainer_for
     from sft_job.specload import load_spec
-    from sft_job.train.backends import model_attn, resolve
-    from sft_job.train.trainer import build_trainer
 
     shape = SMOKE_MODEL if args.smoke else TINYLLAMA
     mdir = make_model(tmp / "model-b", shape, "bfloat16" if on_gpu else "float32")
@@ -269,18 +247,14 @@ def part_b(args: argparse.Namespace, tmp: Path, on_gpu: bool) -> dict[str, Any]:
         f"model.base={mdir}", "data.train=sft_job/sample_data/polite.jsonl",
         "data.max_samples=30", "data.eval_fraction=0", f"output.uri={tmp / 'qlora-out'}",
         f"backend={'cuda' if on_gpu else 'cpu'}", "train.logging_steps=1000"])
-    be = resolve(spec)
-    tok = load_tokenizer(spec.model, mdir, need_chat_template=False)
-    bundle = build_data(spec.data, tok, tmp / "qlora-data")
     _reset_memory()
-    model = load_model(spec.model, spec.method, mdir, be.torch_dtype(),
-                       model_attn(mdir, be.attn, spec.data.max_length))
+    job = assemble(spec, tmp / "qlora-data")
     clock = StepClock.make(0)
-    trainer = build_trainer(spec, be, model, tok, bundle, tmp / "qlora-trainer", [clock]).trainer
+    trainer = trainer_for(job, tmp / "qlora-trainer", [clock]).trainer
     print("  B: qlora ...", flush=True)
     trainer.train()
-    res = {"epochs_s": clock.epochs, "examples": bundle.stats["train_examples"],
-           "rows": len(bundle.train), "steps": trainer.state.global_step, **_peak_gb()}
+    res = {"epochs_s": clock.epochs, "examples": job.bundle.stats["train_examples"],
+           "rows": len(job.bundle.train), "steps": trainer.state.global_step, **_peak_gb()}
     mem = (f"peak allocated {res.get('peak_allocated_gb', 0):.2f} GB, reserved "
            f"{res.get('peak_reserved_gb', 0):.2f} GB" if on_gpu else f"peak RSS {res['peak_rss_gb']:.2f} GB")
     print(f"\nB. QLoRA (NF4) of a random {'TinyLlama-1.1B-shaped' if not args.smoke else 'tiny'} "

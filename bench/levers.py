@@ -14,30 +14,32 @@ throughput.py on a loaded machine (no epoch, no eval), and blind to data-loading
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
 
-VARIANTS = {"base": ("fp32", "trl", 0.05), "+head": ("fp32", "trained", 0.05),
-            "+bf16": ("bf16", "trl", 0.05), "+head+bf16": ("bf16", "trained", 0.05),
-            "+head+bf16-d0": ("bf16", "trained", 0.0)}
+if TYPE_CHECKING:
+    from sft_job.train.backends import LmHead
+
+# variant -> train.precision, LM head, method.dropout
+VARIANTS: dict[str, tuple[str, LmHead, float]] = {
+    "base": ("fp32", "trl", 0.05), "+head": ("fp32", "trained", 0.05),
+    "+bf16": ("bf16", "trl", 0.05), "+head+bf16": ("bf16", "trained", 0.05),
+    "+head+bf16-d0": ("bf16", "trained", 0.0)}
 
 
 def trainer_for(variant: str, data: Path, work: Path, args: argparse.Namespace) -> Any:
-    from sft_job.data import build as build_data
-    from sft_job.models.load import load_model, load_tokenizer
-    from sft_job.models.source import resolve_model_dir
+    """The job's trainer (sft_job.prepare.assemble + trainer_for) for `variant`, its
+    optimizer made and one batch ready."""
+    from sft_job import prepare
     from sft_job.spec import JobSpec
-    from sft_job.train.backends import model_attn, resolve
-    from sft_job.train.trainer import build_trainer
 
     prec, head, dropout = VARIANTS[variant]
     spec = JobSpec.model_validate({
@@ -47,13 +49,8 @@ def trainer_for(variant: str, data: Path, work: Path, args: argparse.Namespace) 
         "method": {"kind": "lora", "dropout": dropout, "target_modules": "all-linear"},
         "train": {"max_steps": 100, "batch_size": args.batch, "precision": prec, "seed": 0},
         "output": {"uri": str(work / "out")}})
-    backend = dataclasses.replace(resolve(spec), lm_head=head)
-    mdir = resolve_model_dir(spec.model.base)
-    tok = load_tokenizer(spec.model, mdir, need_chat_template=False)
-    bundle = build_data(spec.data, tok, work / "data")
-    model = load_model(spec.model, spec.method, mdir, backend.torch_dtype(),
-                       model_attn(mdir, backend.attn, spec.data.max_length))
-    trainer = build_trainer(spec, backend, model, tok, bundle, work / "trainer", []).trainer
+    job = prepare.assemble(spec, work / "data", lm_head=head)
+    trainer = prepare.trainer_for(job, work / "trainer").trainer
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
     trainer.current_gradient_accumulation_steps = 1  # set by train()'s loop otherwise
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -78,22 +75,11 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2, help="packed rows per step")
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(1)
-    from sft_job.pipeline import setup_logging
-
-    setup_logging()
-    import logging
-
-    logging.getLogger("sft_job").setLevel(logging.WARNING)
-    info = c.machine()
-    c.print_machine(info)
-    from sft_job.models.load import load_tokenizer
-    from sft_job.models.source import resolve_model_dir
+    c.start(1)
+    from sft_job.prepare import model_files
     from sft_job.spec import ModelSpec
 
-    tok = load_tokenizer(ModelSpec(base=args.model), resolve_model_dir(args.model), False)
+    _, tok = model_files(ModelSpec(base=args.model))
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     with tempfile.TemporaryDirectory(prefix="bench-levers-") as tmp:
         data = c.write_jsonl(Path(tmp) / "train.jsonl", c.alpaca_rows(200, seed=1, tokenizer=tok))

@@ -2,8 +2,8 @@
 
     nice .venv/bin/python bench/precision.py --seeds 0,1,2 --json prec.json     # ~1-2 h here
 
-The job's own code (sft_job.data.build + sft_job.train.trainer.build_trainer, CPU backend,
-LM head over trained positions) trains builtin:smollm2-135m with LoRA for --steps optimizer
+The job's own assembly (sft_job.prepare.assemble + trainer_for, CPU backend, LM head over
+trained positions) trains builtin:smollm2-135m with LoRA for --steps optimizer
 steps on Alpaca-like examples, once per arm and seed; arms differ only in train.precision and
 method.dropout. Every trained adapter is then scored by one function in fp32 on the same
 held-out examples: sum of the per-token NLL of the response tokens / their number
@@ -55,20 +55,12 @@ def spec_for(data: Path, out: Path, args: argparse.Namespace, arm: str, seed: in
 def train_one(data: Path, work: Path, args: argparse.Namespace, arm: str, seed: int) -> dict:
     import torch
 
-    from sft_job.data import build as build_data
-    from sft_job.models.load import load_model, load_tokenizer
-    from sft_job.models.source import resolve_model_dir
-    from sft_job.train.backends import model_attn, resolve
-    from sft_job.train.trainer import build_trainer, precision
+    from sft_job.prepare import assemble, trainer_for
+    from sft_job.train.trainer import precision
 
-    spec = spec_for(data, work / "out", args, arm, seed)
-    backend = resolve(spec)
-    mdir = resolve_model_dir(spec.model.base, None)
-    tok = load_tokenizer(spec.model, mdir, need_chat_template=False)
-    bundle = build_data(spec.data, tok, work / "data")
-    model = load_model(spec.model, spec.method, mdir, backend.torch_dtype(),
-                       model_attn(mdir, backend.attn, spec.data.max_length))
-    built = build_trainer(spec, backend, model, tok, bundle, work / "trainer", [])
+    job = assemble(spec_for(data, work / "out", args, arm, seed), work / "data")
+    tok, bundle = job.tokenizer, job.bundle
+    built = trainer_for(job, work / "trainer")
     trainer = built.trainer
     assert precision(trainer) == ARMS[arm][0]
     torch.manual_seed(seed)
@@ -76,8 +68,7 @@ def train_one(data: Path, work: Path, args: argparse.Namespace, arm: str, seed: 
     out = trainer.train()
     wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    rows = bundle.eval.to_list() if hasattr(bundle.eval, "to_list") else bundle.eval  # Arrow
-    ev = eval_loss(trainer.model, rows, tok.pad_token_id)
+    ev = eval_loss(trainer.model, bundle.eval.to_list(), tok.pad_token_id)  # Arrow -> rows
     return {"arm": arm, "seed": seed, "steps": trainer.state.global_step,
             "train_loss_mean": out.training_loss, "train_loss_last": losses[-1],
             "eval_loss": ev, "wall_s": wall, "cpu_s": cpu,
@@ -95,15 +86,7 @@ def eval_loss(model: Any, rows: list[dict], pad_id: int, batch: int = 8) -> floa
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), batch):
-            chunk = rows[i:i + batch]
-            n = max(len(r["input_ids"]) for r in chunk)
-            ids = torch.full((len(chunk), n), pad_id)
-            mask = torch.zeros((len(chunk), n), dtype=torch.long)
-            lab = torch.full((len(chunk), n), -100)
-            for j, r in enumerate(chunk):
-                k = len(r["input_ids"])
-                ids[j, :k], mask[j, :k] = torch.tensor(r["input_ids"]), 1
-                lab[j, :k] = torch.tensor(r["labels"])
+            ids, mask, lab = c.padded(rows[i:i + batch], pad_id)
             s, k = token_nll(model, {"input_ids": ids, "attention_mask": mask, "labels": lab})
             total, count = total + float(s), count + int(k)
     return total / count
@@ -148,23 +131,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="results file (rewritten after every run)")
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from sft_job.pipeline import setup_logging
-
-    setup_logging()
-    import logging
-
-    logging.getLogger("sft_job").setLevel(logging.WARNING)
-    info = c.machine()
-    c.print_machine(info)
-    from sft_job.models.load import load_tokenizer
-    from sft_job.models.source import resolve_model_dir
+    info = c.start(args.threads)
+    from sft_job.prepare import model_files
     from sft_job.spec import ModelSpec
 
-    mdir = resolve_model_dir(args.model, None)
-    tok = load_tokenizer(ModelSpec(base=args.model), mdir, need_chat_template=False)
+    _, tok = model_files(ModelSpec(base=args.model))
     results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-prec-") as tmp:
         data = Path(tmp) / "data"

@@ -3,9 +3,9 @@ the LM head + loss, attention, LoRA dropout, the optimizer and collation.
 
     nice .venv/bin/python bench/step_profile.py jobs/smoke-cpu.yaml --set model.base=builtin:smollm2-135m
 
-The job's own code builds the data, model and trainer (sft_job.pipeline's steps, no outputs
-written); torch.profiler records steps warmup+1 .. warmup+steps (one intra-op thread by
-default). Shares are of the profiled steps' CPU time; forward and backward of a part are
+The job's own assembly builds the model, data and trainer (sft_job.prepare.assemble +
+trainer_for, no outputs written); torch.profiler records steps warmup+1 .. warmup+steps (one
+intra-op thread by default). Shares are of the profiled steps' CPU time; forward and backward of a part are
 summed (autograd nodes in backward, labelled ranges or ops in forward), so a part that runs
 inside another (dropout inside a LoRA linear) is counted in both, and the rest is "other".
 Not named profile.py: in this folder that name would shadow the standard library's `profile`,
@@ -39,22 +39,13 @@ PARTS = {
 
 
 def build(args: argparse.Namespace, work: Path) -> Any:
-    from sft_job.data import build as build_data
-    from sft_job.models.load import load_model, load_tokenizer
-    from sft_job.models.source import resolve_model_dir
+    """The spec (a few steps, no checkpoints) and the job's trainer over its model and data."""
+    from sft_job.prepare import assemble, trainer_for
     from sft_job.specload import load_spec
-    from sft_job.train.backends import model_attn, resolve
-    from sft_job.train.trainer import build_trainer
 
     spec = load_spec(args.spec, [*args.set, f"train.max_steps={args.warmup + args.steps}",
                                  f"output.uri={work / 'out'}", "output.save_every_steps=null"])
-    backend = resolve(spec)
-    mdir = resolve_model_dir(spec.model.base, spec.model.revision)
-    tok = load_tokenizer(spec.model, mdir, need_chat_template=False)
-    bundle = build_data(spec.data, tok, work / "data")
-    model = load_model(spec.model, spec.method, mdir, backend.torch_dtype(),
-                       model_attn(mdir, backend.attn, spec.data.max_length))
-    return spec, build_trainer(spec, backend, model, tok, bundle, work / "trainer", [])
+    return spec, trainer_for(assemble(spec, work / "data"), work / "trainer")
 
 
 def label_trl_head() -> None:

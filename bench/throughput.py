@@ -11,16 +11,17 @@ same examples seen) and the same optimizer settings (AdamW, lr, cosine, warmup, 
                 same batches in the same order: its per-step losses are checked against
                 seed-longest (padding is masked, so they must match) and its eval loss is then
                 seed-longest's
-  ours          the job's own code: sft_job.data.build (tokenize, completion-only labels, BFD
-                packing into 512-token rows) + sft_job.train.trainer.build_trainer (SFTTrainer;
-                the CPU backend flattens each batch of packed rows into one row and runs
-                varlen_sdpa: causal sdpa per sample, no mask, no cross-sample attention)
+  ours          the job's own assembly, sft_job.prepare.assemble + trainer_for: the data
+                step (tokenize, completion-only labels, BFD packing into 512-token rows) and
+                the job's SFTTrainer (the CPU backend flattens each batch of packed rows into
+                one row and runs varlen_sdpa: causal sdpa per sample, no mask, no cross-sample
+                attention); every ours-* arm is a spec field or assemble's lm_head
   ours-unpacked the job with data.packing: false: batches of 8 samples, as the seeds' (same
                 steps, same examples per step), flattened into one padding-free row and run
                 with varlen_sdpa
-  ours-rows     (--arms ...,ours-rows) the packed rows kept as [batch, 512] with plain sdpa and
-                the per-sample block-diagonal mask transformers builds (the CPU default before
-                varlen_sdpa)
+  ours-rows     (--arms ...,ours-rows) model.attn_implementation: sdpa: the packed rows kept
+                as [batch, 512] with plain sdpa and the per-sample block-diagonal mask
+                transformers builds (the CPU default before varlen_sdpa)
   ours-prompt   (--arms ...,ours-prompt) ours with data.train_on_prompt: true, the seeds' loss
                 on every token: separates the cost of the batching from that of the objective
 Useful tokens = the real tokens of the examples (prompt + response + EOS), the same for every
@@ -42,11 +43,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
+
+if TYPE_CHECKING:
+    from sft_job.train.backends import LmHead
 
 BATCH = 8
 MAX_LEN = 512
@@ -68,22 +73,26 @@ def method(args: argparse.Namespace, dropout: float = 0.05) -> dict[str, Any]:
     return {"kind": "lora", "r": 16, "alpha": 32, "dropout": dropout, "target_modules": "all-linear"}
 
 
-def lora(args: argparse.Namespace, model: Any) -> Any:
-    """The same PEFT LoraConfig for every arm (None for full fine-tuning)."""
+def lora(args: argparse.Namespace, mdir: Path) -> Any:
+    """The same PEFT LoraConfig for every baseline arm (None for full fine-tuning); the job's
+    arms get theirs from the spec (method())."""
+    from transformers import AutoConfig
+
     from sft_job.models.load import lora_config
     from sft_job.spec import MethodSpec
 
-    return lora_config(MethodSpec(**method(args)), model)
+    config = AutoConfig.from_pretrained(str(mdir))  # all-linear: the config is all it reads
+    return lora_config(MethodSpec(**method(args)), SimpleNamespace(config=config))
 
 
 def job_spec(mdir: Path, data: Path, out: Path, args: argparse.Namespace, seed: int,
              packing: bool, batch: int, train_on_prompt: bool = False, precision: str = "auto",
-             dropout: float = 0.05) -> Any:
+             dropout: float = 0.05, attn: str = "auto") -> Any:
     from sft_job.spec import JobSpec
 
     return JobSpec.model_validate({
         "name": "bench-throughput",
-        "model": {"base": str(mdir)},
+        "model": {"base": str(mdir), "attn_implementation": attn},
         "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"),
                  "format": "alpaca", "max_length": MAX_LEN, "packing": packing, "seed": seed,
                  "train_on_prompt": train_on_prompt},
@@ -129,35 +138,26 @@ class LossLog:
 
 
 def train_ours(mdir: Path, data: Path, work: Path, args: argparse.Namespace, seed: int,
-               batch: int, attn: str | None = None, packing: bool = True,
-               train_on_prompt: bool = False, precision: str = "auto", lm_head: str | None = None,
-               dropout: float = 0.05) -> dict[str, Any]:
-    import dataclasses
-
+               batch: int, attn: str = "auto", packing: bool = True,
+               train_on_prompt: bool = False, precision: str = "auto",
+               lm_head: LmHead | None = None, dropout: float = 0.05) -> dict[str, Any]:
+    """The job's assembly (sft_job.prepare.assemble + trainer_for) on this arm's spec."""
     import torch
 
-    from sft_job.data import build as build_data
-    from sft_job.models.load import load_model, load_tokenizer
-    from sft_job.train.backends import model_attn, resolve
-    from sft_job.train.trainer import build_trainer
+    from sft_job.prepare import assemble, trainer_for
 
     spec = job_spec(mdir, data, work / "out", args, seed, packing=packing, batch=batch,
-                    train_on_prompt=train_on_prompt, precision=precision, dropout=dropout)
-    backend = resolve(spec)
-    if lm_head:
-        backend = dataclasses.replace(backend, lm_head=lm_head)
-    tok = load_tokenizer(spec.model, mdir, need_chat_template=False)
-    bundle = build_data(spec.data, tok, work / "data")
-    model = load_model(spec.model, spec.method, mdir, backend.torch_dtype(),
-                       model_attn(mdir, attn or backend.attn, MAX_LEN))
+                    train_on_prompt=train_on_prompt, precision=precision, dropout=dropout,
+                    attn=attn)
+    job = assemble(spec, work / "data", lm_head=lm_head)
     log = LossLog.make()
-    built = build_trainer(spec, backend, model, tok, bundle, work / "trainer", [log])
+    built = trainer_for(job, work / "trainer", [log])
     trainer = built.trainer
     collator = trainer.data_collator = _Counting(trainer.data_collator)
     torch.manual_seed(seed)
     trainer.train()
     assert built.collator.tokens == sum(collator.tokens)  # one epoch, every row once
-    r = _figures(trainer, collator, log, bundle.stats["train_examples"], tok)
+    r = _figures(trainer, collator, log, job.bundle.stats["train_examples"], job.tokenizer)
     r["precision"], r["lm_head"] = precision_of(trainer), built.lm_head
     return r
 
@@ -194,37 +194,19 @@ class _Counting:
 def train_seed(mdir: Path, rows: list[dict[str, list[int]]], work: Path,
                args: argparse.Namespace, seed: int, pad_to: int | None,
                stop_after: int | None) -> dict[str, Any]:
-    """The seeds' recipe: Trainer + DataCollatorForLanguageModeling(mlm=False)."""
+    """The seeds' recipe (bench/_common.seed_trainer), the shared optimizer settings."""
     import torch
-    from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        Trainer,
-        TrainingArguments,
-    )
-    from transformers.trainer_callback import PrinterCallback
+    from transformers import TrainingArguments
 
-    tok = AutoTokenizer.from_pretrained(str(mdir))
-    model = AutoModelForCausalLM.from_pretrained(str(mdir), dtype=torch.float32,
-                                                 attn_implementation="sdpa")
-    model.config.use_cache = False
-    if lora(args, model) is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora(args, model))
     targs = TrainingArguments(
         output_dir=str(work / "seed"), per_device_train_batch_size=BATCH, num_train_epochs=1,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0,
         max_grad_norm=1.0, seed=seed, data_seed=seed, use_cpu=True, report_to="none",
         save_strategy="no", eval_strategy="no", logging_steps=1, dataloader_num_workers=0,
         disable_tqdm=True)
-    collator = _Counting(DataCollatorForLanguageModeling(tok, mlm=False, pad_to_multiple_of=pad_to))
     log = LossLog.make(stop_after)
-    trainer = Trainer(model=model, args=targs, data_collator=collator, callbacks=[log],
-                      train_dataset=Dataset.from_list([{"input_ids": r["input_ids"]} for r in rows]))
-    trainer.remove_callback(PrinterCallback)
+    trainer, collator, tok = c.seed_trainer(mdir, rows, targs, [log], _Counting, pad_to=pad_to,
+                                            peft=lora(args, mdir))
     torch.manual_seed(seed)
     trainer.train()
     return _figures(trainer, collator, log, len(rows), tok)
@@ -240,16 +222,7 @@ def eval_losses(model: Any, rows: list[dict[str, list[int]]], pad_id: int) -> tu
     full = [0.0, 0]
     with torch.no_grad():
         for i in range(0, len(rows), BATCH):
-            chunk = rows[i:i + BATCH]
-            n = max(len(r["input_ids"]) for r in chunk)
-            ids = torch.full((len(chunk), n), pad_id)
-            mask = torch.zeros((len(chunk), n), dtype=torch.long)
-            lab = torch.full((len(chunk), n), -100)
-            for j, r in enumerate(chunk):
-                k = len(r["input_ids"])
-                ids[j, :k] = torch.tensor(r["input_ids"])
-                mask[j, :k] = 1
-                lab[j, :k] = torch.tensor(r["labels"])
+            ids, mask, lab = c.padded(rows[i:i + BATCH], pad_id)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             m_resp = lab[:, 1:] != -100
@@ -375,14 +348,10 @@ def _arm(arm: str, i: int, args: argparse.Namespace, mdir: Path, data: Path, tra
         return train_ours(mdir, data, work, args, seed,
                           BATCH if arm == "ours-unpacked" else ours_batch, **OURS[arm])
     if arm.startswith("trl"):
-        from types import SimpleNamespace
-
         from _peers import train_trl
-        from transformers import AutoConfig
 
-        peft = lora(args, SimpleNamespace(config=AutoConfig.from_pretrained(str(mdir))))
         return train_trl(mdir, train, work, args, seed, arm == "trl-packed",
-                         ours_batch if arm == "trl-packed" else BATCH, peft, _figures,
+                         ours_batch if arm == "trl-packed" else BATCH, lora(args, mdir), _figures,
                          LossLog.make(), _Counting, MAX_LEN)
     return train_seed(mdir, train, work, args, seed, MAX_LEN if arm == "seed-512" else None,
                       args.max512_steps if arm == "seed-512" and args.max512_steps else None)
@@ -419,17 +388,7 @@ def main() -> None:
     if args.full:
         args.examples, args.max512_steps, args.jobs = max(args.examples, 1600), 16, args.runs
         args.eval_examples = max(args.eval_examples, 200)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from sft_job.pipeline import setup_logging
-
-    setup_logging()
-    import logging
-
-    logging.getLogger("sft_job").setLevel(logging.WARNING)
-    info = c.machine()
-    c.print_machine(info)
+    info = c.start(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
         root = Path(tmp)
         mdir, data, tok, train, ev, stats = prepare(args, root)

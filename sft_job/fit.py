@@ -18,7 +18,7 @@ from sft_job.checkpoint import sync as ckpt
 from sft_job.checkpoint.uploader import Uploader
 from sft_job.context import JobContext
 from sft_job.errors import SftJobError, TrainingDiverged
-from sft_job.prepare import Prepared
+from sft_job.prepare import Prepared, trainer_for
 from sft_job.progress import Reporter
 from sft_job.spec import dump_spec
 from sft_job.topology import here
@@ -85,12 +85,7 @@ def _build(ctx: JobContext, job: Prepared, reporter: Reporter, resume: Resume | 
            run_state: dict[str, Any]) -> _Setup:
     """The uploader, the collator, the callbacks (metrics, progress, evaluation, checkpoints)
     and the trainer."""
-    from sft_job.train.trainer import (
-        build_trainer,
-        counting_collator,
-        evaluation_callback,
-        metrics_callback,
-    )
+    from sft_job.train.trainer import counting_collator, evaluation_callback, metrics_callback
 
     spec, bundle, topo = ctx.spec, job.bundle, here()
     # one uploader process per node (its local rank 0), for the files that node's ranks write
@@ -104,8 +99,7 @@ def _build(ctx: JobContext, job: Prepared, reporter: Reporter, resume: Resume | 
     callbacks = [metrics_callback(ctx.metrics_path, collator)]
     if topo.is_main:
         callbacks.append(reporter.callback(collator))
-    built = build_trainer(spec, job.backend, job.model, job.tokenizer, bundle,
-                          ctx.work / "trainer", callbacks, collator)
+    built = trainer_for(job, ctx.work / "trainer", callbacks, collator)
     built.trainer.add_callback(evaluation_callback(
         built, bundle.eval, spec.train.eval_steps, ctx.stop,
         resume.step if resume and resume.eval_pending else None))

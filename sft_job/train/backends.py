@@ -7,13 +7,15 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sft_job.environment import require
 from sft_job.errors import UnsupportedError
 from sft_job.spec import JobSpec
 
 log = logging.getLogger(__name__)
+
+LmHead = Literal["trained", "trl"]  # what computes the loss: sft_job.train.loss, or TRL's
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Backend:
     # "trained": sft_job.train.loss (logits of trained positions only); "trl": TRL's fused
     # head, whose Triton kernels on CUDA already skip untrained positions, and which keeps
     # static shapes on TPU (skipping positions would recompile XLA graphs at every batch)
-    lm_head: str = "trl"
+    lm_head: LmHead = "trl"
 
     def torch_dtype(self) -> Any:
         import torch

@@ -70,11 +70,8 @@ def test_token_nll_is_the_models_own_loss(tiny_llama_dir: Path) -> None:
 
 
 def _trainer(tiny_llama_dir: Path, tmp_path: Path, kind: str, precision: str = "fp32") -> Any:
-    from sft_job.data import build as build_data
-    from sft_job.models.load import load_model, load_tokenizer
+    from sft_job.prepare import assemble, trainer_for
     from sft_job.spec import JobSpec
-    from sft_job.train.backends import model_attn, resolve
-    from sft_job.train.trainer import build_trainer
 
     data = resources.files("sft_job") / "sample_data" / "polite.jsonl"
     spec = JobSpec.model_validate({
@@ -84,12 +81,7 @@ def _trainer(tiny_llama_dir: Path, tmp_path: Path, kind: str, precision: str = "
         "method": {"kind": kind, "dropout": 0.0, "target_modules": "all-linear"},
         "train": {"max_steps": 3, "batch_size": 2, "logging_steps": 2, "precision": precision},
         "output": {"uri": str(tmp_path / "out")}})
-    backend = resolve(spec)
-    tok = load_tokenizer(spec.model, tiny_llama_dir, need_chat_template=False)
-    bundle = build_data(spec.data, tok, tmp_path / "data")
-    model = load_model(spec.model, spec.method, tiny_llama_dir, backend.torch_dtype(),
-                       model_attn(tiny_llama_dir, backend.attn, spec.data.max_length))
-    return build_trainer(spec, backend, model, tok, bundle, tmp_path / "trainer", [])
+    return trainer_for(assemble(spec, tmp_path / "data"), tmp_path / "trainer")
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
