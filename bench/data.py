@@ -388,8 +388,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
                (f"chat@{args.chat_rows}", by.get(f"old-chat@{args.chat_rows}", []),
                 by.get(f"chat@{args.chat_rows}", []))]
     for label, base, other in compare:
-        if base and other:
-            pairs = list(zip(base, other, strict=False))
+        if base and other:  # same rep; the first arm of that name in it (BIG may equal N)
+            first = {r["rep"]: r for r in reversed(other)}
+            pairs = [(o, first[o["rep"]]) for o in base if o["rep"] in first]
             print(f"{label} vs {base[0]['arm']}, per rep (min/med/max): rows/s x"
                   f"{c.spread([n['rows_per_s'] / o['rows_per_s'] for o, n in pairs])}, "
                   f"data-phase rows/s x"
