@@ -90,8 +90,8 @@ def _build(ctx: JobContext, job: Prepared, reporter: Reporter, resume: Resume | 
     spec, bundle, topo = ctx.spec, job.bundle, here()
     # one uploader process per node (its local rank 0), for the files that node's ranks write
     uploader = Uploader(storage.join(spec.output.uri, "checkpoints"),
-                        spec.output.keep_checkpoints, topo.node, topo.nodes, topo.world,
-                        spec.output.s3_endpoint_url) if topo.local_rank == 0 else None
+                        spec.output.keep_checkpoints, topo.node, topo.nodes,
+                        topo.world) if topo.local_rank == 0 else None
     collator = counting_collator(spec, job.backend, job.model, job.tokenizer)
     sync = ckpt.callback(spec, uploader, ctx.stop, run_state, ctx.metrics_path,
                          ctx.work / "ckpt-staging", topo, resume.step if resume else None,

@@ -102,7 +102,7 @@ def _already_done(spec: JobSpec, allow_changed: bool) -> bool:
 
 def _run(spec: JobSpec, allow_changed: bool, stop: Any, reporter: Reporter) -> dict[str, Any]:
     timings = Timings()
-    storage.configure(spec.output.s3_endpoint_url)
+    storage.export_s3_endpoint(spec.output.s3_endpoint_url)
     if _already_done(spec, allow_changed):
         return {"already_done": True}
     ctx = JobContext(spec, workdir_for(spec), here().rank, stop, allow_changed, timings)

@@ -133,7 +133,7 @@ def fast_checks(spec: JobSpec, workdir: Path | None = None, probe_out: bool = Tr
     naming every problem on one line. Downloads go under `workdir` (a temporary folder,
     removed, when None)."""
     rep = Report()
-    storage.configure(spec.output.s3_endpoint_url)
+    storage.export_s3_endpoint(spec.output.s3_endpoint_url)
     for where, module, install in missing_packages(spec):  # this machine runs the job
         rep.problem(where, f"needs the Python package '{module}', which is not installed "
                     f"({install})")
@@ -158,7 +158,7 @@ def preflight(spec: JobSpec, samples: int = 2, json_out: Path | None = None) -> 
     for lib in ("transformers", "bitsandbytes", "trl", "peft", "accelerate"):
         logging.getLogger(lib).setLevel(logging.ERROR)  # their notes are not the report
     rep = Report()
-    storage.configure(spec.output.s3_endpoint_url)
+    storage.export_s3_endpoint(spec.output.s3_endpoint_url)
     rep.facts["spec_hash"] = spec.run_hash()
     for where, module, install in missing_packages(spec):  # the job may run elsewhere
         rep.warnings.append(f"{where}: needs the Python package '{module}', not installed here: "

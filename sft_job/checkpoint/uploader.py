@@ -56,7 +56,6 @@ class Config:
     node: int = 0
     nodes: int = 1
     world_size: int = 1
-    s3_endpoint_url: str | None = None
     part_wait_s: float = PART_WAIT_S
     parent_pid: int = 0
 
@@ -85,10 +84,9 @@ class Uploader:
     must end the job (MAX_FAILURES in a row, or a bug), once seen by `poll`/`wait`."""
 
     def __init__(self, checkpoints_uri: str, keep: int, node: int = 0, nodes: int = 1,
-                 world_size: int = 1, s3_endpoint_url: str | None = None,
-                 part_wait_s: float = PART_WAIT_S) -> None:
-        self.config = Config(checkpoints_uri, keep, node, nodes, world_size, s3_endpoint_url,
-                             part_wait_s, os.getpid())
+                 world_size: int = 1, part_wait_s: float = PART_WAIT_S) -> None:
+        self.config = Config(checkpoints_uri, keep, node, nodes, world_size, part_wait_s,
+                             os.getpid())
         self.status: dict[int, str] = {}
         self.fatal: SftJobError | None = None
         self._pending: set[int] = set()
@@ -226,7 +224,6 @@ def serve(config: Config, jobs: Any, results: Any) -> None:
     """Main loop of the uploader process."""
     _detach(config.parent_pid)
     _setup_logging(config)
-    storage.configure(config.s3_endpoint_url)
     log.info("checkpoint uploader started (pid %d)", os.getpid())
     try:  # imports, client, credentials and a connection now, not at the first checkpoint
         storage.list_keys(config.checkpoints_uri)

@@ -2,15 +2,18 @@
 
 Callers use the module-level verbs with full URIs; each scheme has a backend class in its own
 module implementing `Store` (see base.py). A directory is *committed* when its marker object
-(`COMMITTED`) exists; readers treat an uncommitted directory as absent.
+(`COMMITTED`) exists; readers treat an uncommitted directory as absent. The marker protocol
+(put_dir, delete_prefix, committed_dirs) lives here once; backends only move bytes.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
-from sft_job.storage.base import COMMIT_MARKER, SETTINGS, ObjectInfo, Store
+from sft_job.errors import AccessError
+from sft_job.storage.base import COMMIT_MARKER, ObjectInfo, Store, key_join, local_files, manifest
 from sft_job.storage.checksum import ChecksumError
 from sft_job.uri import join, split_uri
 
@@ -20,10 +23,10 @@ __all__ = [
     "ObjectInfo",
     "Store",
     "committed_dirs",
-    "configure",
     "credential_source",
     "delete_prefix",
     "exists",
+    "export_s3_endpoint",
     "get",
     "get_dir",
     "is_committed",
@@ -42,10 +45,12 @@ __all__ = [
 ]
 
 
-def configure(s3_endpoint_url: str | None = None) -> None:
-    """Process-wide settings from the spec: `output.s3_endpoint_url` (else boto3 uses
-    AWS_ENDPOINT_URL_S3 or AWS itself)."""
-    SETTINGS.s3_endpoint_url = s3_endpoint_url
+def export_s3_endpoint(url: str | None) -> None:
+    """Point boto3 at `output.s3_endpoint_url` through its own AWS_ENDPOINT_URL_S3, in this
+    process and every process it starts (the uploader, the ranks); None leaves the environment
+    as it is (boto3 then uses AWS_ENDPOINT_URL_S3 if set, else AWS itself)."""
+    if url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = url
 
 
 def open_store(uri: str) -> tuple[Store, str]:
@@ -84,20 +89,30 @@ def get_dir(uri: str, dest: Path) -> Path:
 
 def put_file(src: Path, uri: str) -> None:
     """Upload one local file to `uri`."""
+    if not Path(src).is_file():
+        raise AccessError(f"{src}: no such local file to upload")
     store, key = open_store(uri)
-    store.put_file(Path(src), key)
+    store.put_files([(Path(src), key)], uri)
 
 
 def put_dir(src: Path, uri: str, commit: bool = True) -> None:
-    """Upload a local folder under the prefix `uri`; with commit, write the marker last."""
+    """Upload a local folder under the prefix `uri`. With commit, the folder's marker goes
+    first (a re-upload must not look committed while it is in flux) and comes back last, once
+    every file is uploaded and verified, as a manifest of the files."""
     store, key = open_store(uri)
-    store.put_dir(Path(src), key, commit=commit)
+    files = local_files(Path(src))
+    marker = key_join(key, COMMIT_MARKER)
+    commit = commit and not store.atomic
+    if commit:
+        store.delete(marker)
+    store.put_files([(p, key_join(key, rel)) for rel, p in files], uri)
+    if commit:
+        store.write_bytes(marker, manifest(files))
 
 
 def list_keys(uri: str) -> list[str]:
     """Object keys under the prefix `uri`, relative to it, sorted."""
-    store, key = open_store(uri)
-    return store.list(key)
+    return sorted(list_info(uri))
 
 
 def exists(uri: str) -> bool:
@@ -112,9 +127,14 @@ def is_committed(uri: str) -> bool:
 
 
 def delete_prefix(uri: str) -> None:
-    """Delete every object under the prefix `uri` (the marker first, so it never outlives data)."""
+    """Delete every object under the prefix `uri` (and the object `uri` itself); the marker
+    first, so a half-deleted directory never looks committed."""
     store, key = open_store(uri)
-    store.delete_prefix(key)
+    if not key.strip("/"):
+        raise ValueError(f"refusing to delete the whole bucket {uri}")
+    if not store.atomic:
+        store.delete(key_join(key, COMMIT_MARKER))
+    store.delete_prefix(key.rstrip("/"))
 
 
 def read_text(uri: str) -> str:
@@ -136,9 +156,10 @@ def stat(uri: str) -> ObjectInfo | None:
 
 
 def list_info(uri: str) -> dict[str, ObjectInfo]:
-    """Objects under the prefix `uri` with size and content tag, by key relative to it."""
+    """Objects under the prefix `uri` with size and content tag, by key relative to it
+    (folder placeholders left out), sorted."""
     store, key = open_store(uri)
-    return store.list_info(key)
+    return dict(sorted(store.list_info(key).items()))
 
 
 def probe(uri: str, write: bool = False) -> str:

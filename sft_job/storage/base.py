@@ -1,14 +1,17 @@
-"""The storage protocol every backend implements (URI parsing is sft_job/uri.py)."""
+"""The primitives every backend implements, and the helpers they share (URI parsing is
+sft_job/uri.py; the commit-marker protocol lives above the backends, in __init__.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from sft_job.errors import AccessError
+from sft_job.errors import AccessError, SftJobError
 
 COMMIT_MARKER = "COMMITTED"
 
@@ -16,36 +19,29 @@ COMMIT_MARKER = "COMMITTED"
 @dataclass(frozen=True)
 class ObjectInfo:
     """What a store says about one object: its size and a tag that changes with its content
-    (S3 ETag, GCS generation+MD5, Hub blob id, local mtime)."""
+    (S3 ETag, GCS generation+CRC32C, Hub blob id, local mtime)."""
 
     size: int
     etag: str
 
 
-@dataclass
-class Settings:
-    """Process-wide storage settings that come from the spec (see `storage.configure`)."""
-
-    s3_endpoint_url: str | None = None
-
-
-SETTINGS = Settings()
-
-
 class Store(Protocol):
-    """A bucket-like store. Keys are '/'-separated paths inside the bucket (or root)."""
+    """A bucket-like store. Keys are '/'-separated paths inside the bucket (or root). Transfers
+    are verified (checksums) and retried by the backend; `atomic` stores (the Hub) commit a
+    folder at once and get no marker."""
+
+    atomic: bool
 
     def get_file(self, key: str, dest: Path) -> Path: ...
     def get_prefix(self, prefix: str, dest: Path) -> Path: ...
-    def put_file(self, src: Path, key: str) -> None: ...
-    def put_dir(self, src: Path, prefix: str, commit: bool = True) -> None: ...
-    def list(self, prefix: str) -> list[str]: ...
+    def put_files(self, pairs: list[tuple[Path, str]], desc: str) -> None: ...
+    def list_info(self, prefix: str) -> dict[str, ObjectInfo]: ...
+    def stat(self, key: str) -> ObjectInfo | None: ...
     def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def read_bytes(self, key: str) -> bytes: ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
-    def stat(self, key: str) -> ObjectInfo | None: ...
-    def list_info(self, prefix: str) -> dict[str, ObjectInfo]: ...
     def probe(self, key: str, write: bool) -> str: ...
     def credential_source(self) -> str: ...
 
@@ -76,3 +72,26 @@ def safe_dest(dest: Path, rel: str, uri: str) -> Path:
     if rel.startswith("/") or ".." in parts:
         raise AccessError(f"{uri}: refusing to download key '{rel}' outside the target folder")
     return dest.joinpath(*[p for p in parts if p])
+
+
+def targets(objs: dict[str, Any], dest: Path, uri: str) -> list[tuple[Path, Any]]:
+    """(local path under `dest`, object) for each object listed under the prefix `uri`."""
+    if not objs:
+        raise AccessError(f"{uri}: no objects under this prefix")
+    return [(safe_dest(dest, rel, uri), o) for rel, o in sorted(objs.items())]
+
+
+@contextlib.contextmanager
+def mapped_errors(map_error: Callable[..., SftJobError | None], uri: str,
+                  *args: Any) -> Iterator[None]:
+    """Turn a client library's errors into the user-facing ones `map_error(err, uri, *args)`
+    names (AccessError exit 3, TransientError exit 75, SpecError exit 2); others propagate."""
+    try:
+        yield
+    except SftJobError:
+        raise
+    except Exception as err:
+        mapped = map_error(err, uri, *args)
+        if mapped is None:
+            raise
+        raise mapped from err

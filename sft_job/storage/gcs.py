@@ -15,13 +15,12 @@ import contextlib
 import functools
 import os
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
-from sft_job.storage.base import COMMIT_MARKER, ObjectInfo, key_join, local_files, manifest, safe_dest
+from sft_job.storage.base import ObjectInfo, key_join, mapped_errors, targets
 from sft_job.storage.checksum import ChecksumError, crc32c_b64
 from sft_job.storage.progress import Progress, ProgressReader
 from sft_job.storage.retry import VERIFY_ATTEMPTS, retry_timeout, transfer_verified
@@ -36,36 +35,29 @@ _ENV_KEYS = ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_
 class GCSStore:
     """One GCS bucket. Keys are object names; a prefix names the 'folder' `prefix/`."""
 
+    atomic = False
+
     def __init__(self, bucket: str) -> None:
         self.name = bucket
         self._client: Any = None
-
-    # ------------------------------------------------------------------ reads
 
     def get_file(self, key: str, dest: Path) -> Path:
         with self._errors(key):
             blob = self.bucket.get_blob(key, retry=_retry())
             if blob is None:
                 self._raise_missing(key)
-            self._download([(dest, blob)], f"download {self._uri(key)}")
+            self._download([(dest, blob)], self._uri(key))
         return dest
 
     def get_prefix(self, prefix: str, dest: Path) -> Path:
         with self._errors(prefix):
-            blobs = self._list(prefix)
-            if not blobs:
-                raise AccessError(f"{self._uri(prefix)}: no objects under this prefix")
-            items = [(safe_dest(dest, rel, self._uri(prefix)), b) for rel, b in blobs.items()]
-            self._download(items, f"download {self._uri(prefix)}")
+            self._download(targets(self._list(prefix), dest, self._uri(prefix)),
+                           self._uri(prefix))
         return dest
-
-    def list(self, prefix: str) -> list[str]:
-        with self._errors(prefix):
-            return sorted(self._list(prefix))
 
     def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
         with self._errors(prefix):
-            return {rel: _info(b) for rel, b in sorted(self._list(prefix).items())}
+            return {rel: _info(b) for rel, b in self._list(prefix).items()}
 
     def stat(self, key: str) -> ObjectInfo | None:
         with self._errors(key):
@@ -98,24 +90,9 @@ class GCSStore:
             raise ChecksumError(f"{self._uri(key)}: downloaded bytes fail the CRC32C check "
                                 f"after {VERIFY_ATTEMPTS} tries")
 
-    # ----------------------------------------------------------------- writes
-
-    def put_file(self, src: Path, key: str) -> None:
-        if not src.is_file():
-            raise AccessError(f"{src}: no such local file to upload")
-        with self._errors(key):
-            self._upload([(src, key)], f"upload {self._uri(key)}")
-
-    def put_dir(self, src: Path, prefix: str, commit: bool = True) -> None:
-        files = local_files(src)
-        marker = key_join(prefix, COMMIT_MARKER)
-        with self._errors(prefix):
-            if commit:  # a re-upload must not look committed while it is in flux
-                self._delete([marker])
-            self._upload([(p, key_join(prefix, rel)) for rel, p in files],
-                         f"upload {self._uri(prefix)}")
-            if commit:
-                self.write_bytes(marker, manifest(files))
+    def put_files(self, pairs: list[tuple[Path, str]], uri: str) -> None:
+        with mapped_errors(map_error, uri, self.name):
+            self._upload(pairs, uri)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         import google_crc32c
@@ -130,13 +107,12 @@ class GCSStore:
             raise ChecksumError(f"{self._uri(key)}: the stored CRC32C does not match the bytes "
                                 f"sent after {VERIFY_ATTEMPTS} tries")
 
+    def delete(self, key: str) -> None:
+        with self._errors(key):
+            self._delete([key])
+
     def delete_prefix(self, prefix: str) -> None:
-        if not prefix.strip("/"):
-            raise ValueError(f"refusing to delete the whole bucket gs://{self.name}")
-        prefix = prefix.strip("/")
         with self._errors(prefix):
-            # The marker goes first so a half-deleted directory never looks committed.
-            self._delete([key_join(prefix, COMMIT_MARKER)])
             names = [b.name for b in self.client.list_blobs(self.name, prefix=prefix,
                                                              retry=_retry())
                      if b.name == prefix or b.name.startswith(prefix + "/")]
@@ -160,8 +136,6 @@ class GCSStore:
         """The kind of Google credentials in use, e.g. 'google:compute_engine.Credentials'."""
         with self._errors(""):
             return _credential_kind(self.client)
-
-    # --------------------------------------------------------------- helpers
 
     @property
     def client(self) -> Any:
@@ -198,8 +172,11 @@ class GCSStore:
             with contextlib.suppress(NotFound):
                 self.bucket.blob(name).delete(retry=_retry())
 
-    def _upload(self, pairs: list[tuple[Path, str]], desc: str) -> None:
-        with Progress(sum(p.stat().st_size for p, _ in pairs), desc) as progress:
+    def _errors(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return mapped_errors(map_error, self._uri(key), self.name)
+
+    def _upload(self, pairs: list[tuple[Path, str]], uri: str) -> None:
+        with Progress(sum(p.stat().st_size for p, _ in pairs), f"upload {uri}") as progress:
             def one(pair: tuple[Path, str]) -> None:
                 path, key = pair
                 with open(path, "rb") as fh:
@@ -214,10 +191,10 @@ class GCSStore:
             transfer_verified(pairs, lambda batch: _parallel(one, batch), verify,
                               lambda pk: self._uri(pk[1]))
 
-    def _download(self, items: list[tuple[Path, Any]], desc: str) -> None:
+    def _download(self, items: list[tuple[Path, Any]], uri: str) -> None:
         from google.cloud.storage import transfer_manager
 
-        with Progress(sum(b.size or 0 for _, b in items), desc) as progress:
+        with Progress(sum(b.size or 0 for _, b in items), f"download {uri}") as progress:
             def one(item: tuple[Path, Any]) -> None:
                 dest, blob = item
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -246,19 +223,6 @@ class GCSStore:
         local = crc32c_b64(path)
         if blob.crc32c and blob.crc32c != local:
             raise ChecksumError(f"{self._uri(key)}: CRC32C {blob.crc32c} in GCS, {local} locally")
-
-    @contextlib.contextmanager
-    def _errors(self, key: str) -> Iterator[None]:
-        """Turn google errors into AccessError (exit 3) or TransientError (exit 75)."""
-        try:
-            yield
-        except SftJobError:
-            raise
-        except Exception as err:
-            mapped = map_error(err, self._uri(key), self.name)
-            if mapped is None:
-                raise
-            raise mapped from err
 
 
 def map_error(err: BaseException, uri: str, bucket: str) -> SftJobError | None:

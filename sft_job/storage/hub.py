@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
-from sft_job.storage.base import COMMIT_MARKER, ObjectInfo, local_files, safe_dest
+from sft_job.storage.base import ObjectInfo, local_files, safe_dest
 from sft_job.storage.checksum import ChecksumError, git_blob_sha1, sha256_hex
 from sft_job.storage.retry import call, max_attempts, transfer_verified
 
@@ -27,10 +27,10 @@ from sft_job.storage.retry import call, max_attempts, transfer_verified
 class HubStore:
     """Repositories on the Hub. Keys are `[datasets/]org/name[@rev][/path]`."""
 
+    atomic = True  # a Hub commit is atomic: no marker
+
     def __init__(self, bucket: str = "") -> None:
         del bucket  # hf:// URIs carry no bucket: the repo id is in the key
-
-    # ------------------------------------------------------------------ reads
 
     def get_file(self, key: str, dest: Path) -> Path:
         u = _parse(key)
@@ -54,15 +54,12 @@ class HubStore:
                            dest)
         return dest
 
-    def list(self, prefix: str) -> list[str]:
-        return sorted(self.list_info(prefix))
-
     def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
         u = _parse(prefix)
         with _errors(prefix):
             entries = self._tree(u, self._sha(u))
             return {rel: ObjectInfo(e.size, e.lfs.sha256 if e.lfs else e.blob_id)
-                    for rel, e in sorted(entries.items())}
+                    for rel, e in entries.items()}
 
     def stat(self, key: str) -> ObjectInfo | None:
         u = _parse(key)
@@ -86,27 +83,25 @@ class HubStore:
         with tempfile.TemporaryDirectory(prefix="sft-job-hf-") as tmp:
             return self.get_file(key, Path(tmp) / "blob").read_bytes()
 
-    # ----------------------------------------------------------------- writes
-
-    def put_file(self, src: Path, key: str) -> None:
-        u = _parse(key)
-        if not u.path_in_repo:
-            raise SpecError(f"hf://{key}: name a file path inside the repository")
-        with tempfile.TemporaryDirectory(prefix="sft-job-hf-") as tmp:
-            shutil.copyfile(src, Path(tmp) / Path(u.path_in_repo).name)
-            parent = u.path_in_repo.rpartition("/")[0]
-            self._upload(u, Path(tmp), parent, f"Upload {u.path_in_repo}")
-
-    def put_dir(self, src: Path, prefix: str, commit: bool = True) -> None:
-        del commit  # a Hub commit is atomic: no marker needed
-        u = _parse(prefix)
-        self._upload(u, src, u.path_in_repo, f"Upload {u.path_in_repo or 'folder'}")
+    def put_files(self, pairs: list[tuple[Path, str]], uri: str) -> None:
+        """Commit the files at once to the repository their keys name."""
+        u = _parse(uri.removeprefix("hf://"))
+        files = {}
+        for src, key in pairs:
+            path = _parse(key).path_in_repo
+            if not path:
+                raise SpecError(f"hf://{key}: name a file path inside the repository")
+            files[path] = src
+        self._commit(u, files, f"Upload {u.path_in_repo or 'folder'}")
 
     def write_bytes(self, key: str, data: bytes) -> None:
         with tempfile.TemporaryDirectory(prefix="sft-job-hf-") as tmp:
             p = Path(tmp) / "blob"
             p.write_bytes(data)
-            self.put_file(p, key)
+            self.put_files([(p, key)], f"hf://{key}")
+
+    def delete(self, key: str) -> None:
+        self.delete_prefix(key)
 
     def delete_prefix(self, prefix: str) -> None:
         from huggingface_hub import CommitOperationDelete
@@ -148,8 +143,6 @@ class HubStore:
         if os.environ.get("HF_TOKEN"):
             return "hf:HF_TOKEN"
         return "hf:token-file" if get_token() else "hf:anonymous"
-
-    # --------------------------------------------------------------- helpers
 
     def _sha(self, u: Any) -> str:
         """The commit the revision points at, so a listing and its download agree."""
@@ -205,9 +198,12 @@ class HubStore:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _upload(self, u: Any, src: Path, path_in_repo: str, message: str,
+    def _commit(self, u: Any, files: dict[str, Path], message: str,
                 private: bool = True) -> str:
-        files = dict(local_files(src))
+        """Create the repo if needed (private by default), commit `files` (path in repo ->
+        local file) in one commit, verify each against the commit's tree; the commit URL."""
+        from huggingface_hub import CommitOperationAdd
+
         key = f"{u.type}s/{u.id}" if u.type != "model" else u.id
         with _errors(key, write=True):
             _require_token(key)
@@ -216,21 +212,19 @@ class HubStore:
             commit: list[Any] = []
 
             def transfer(batch: list[str]) -> None:
-                commit.append(call(lambda: _api().upload_folder(
-                    repo_id=u.id, folder_path=src, path_in_repo=path_in_repo or None,
-                    repo_type=u.type, revision=u.revision, commit_message=message,
-                    allow_patterns=batch, ignore_patterns=[COMMIT_MARKER]),
+                ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=files[p]) for p in batch]
+                commit.append(call(lambda: _api().create_commit(
+                    u.id, ops, commit_message=message, repo_type=u.type, revision=u.revision),
                     _transient, what=f"hf://{key}"))
 
-            def verify(rel: str) -> None:
-                full = f"{path_in_repo}/{rel}" if path_in_repo else rel
-                found = _api().get_paths_info(u.id, [full], repo_type=u.type,
+            def verify(path: str) -> None:
+                found = _api().get_paths_info(u.id, [path], repo_type=u.type,
                                               revision=commit[-1].oid)
                 if not found or not hasattr(found[0], "blob_id"):
-                    raise ChecksumError(f"hf://{u.id}/{full}: missing after the upload")
-                _verify(files[rel], found[0], f"hf://{u.id}/{full}")
+                    raise ChecksumError(f"hf://{u.id}/{path}: missing after the upload")
+                _verify(files[path], found[0], f"hf://{u.id}/{path}")
 
-            transfer_verified(sorted(files), transfer, verify, lambda rel: f"hf://{u.id}/{rel}")
+            transfer_verified(sorted(files), transfer, verify, lambda p: f"hf://{u.id}/{p}")
             return str(commit[-1].commit_url)
 
 
@@ -240,8 +234,8 @@ def push_folder(local_dir: Path, repo_id: str, private: bool = True,
     with the token from HF_TOKEN; every file is verified after the commit. Returns the commit
     URL. An existing repo keeps its visibility."""
     prefix = "" if repo_type == "model" else f"{repo_type}s/"
-    u = _parse(f"{prefix}{repo_id}")
-    return HubStore()._upload(u, Path(local_dir), "", commit_message, private=private)
+    files = {rel: p for rel, p in local_files(Path(local_dir))}
+    return HubStore()._commit(_parse(f"{prefix}{repo_id}"), files, commit_message, private)
 
 
 def _verify(path: Path, entry: Any, uri: str) -> None:

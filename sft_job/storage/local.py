@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
-from sft_job.storage.base import COMMIT_MARKER, ObjectInfo, local_files, manifest
+from sft_job.storage.base import ObjectInfo
 
 F = TypeVar("F", bound=Callable[..., Any])
 _TRANSIENT = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ESTALE}
@@ -52,6 +53,8 @@ class LocalStore:
     """Keys are absolute paths. Writes go to a temp name then rename, so readers never
     see a half-written file."""
 
+    atomic = False
+
     @_fs_errors
     def get_file(self, key: str, dest: Path) -> Path:
         src = Path(key)
@@ -72,48 +75,52 @@ class LocalStore:
         return dest
 
     @_fs_errors
-    def put_file(self, src: Path, key: str) -> None:
+    def put_files(self, pairs: list[tuple[Path, str]], desc: str) -> None:
+        for src, key in pairs:
+            if src.resolve() != Path(key).resolve():  # a folder uploaded onto itself
+                self._write(key, lambda tmp, src=src: shutil.copyfile(src, tmp))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._write(key, lambda tmp: tmp.write_bytes(data))
+
+    @_fs_errors
+    def _write(self, key: str, fill: Callable[[Path], Any]) -> None:
         dest = Path(key)
         if dest.is_dir():
             raise AccessError(f"{key}: is a directory, cannot write a file there")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        shutil.copyfile(src, tmp)
+        fill(tmp)
         os.replace(tmp, dest)
 
     @_fs_errors
-    def put_dir(self, src: Path, prefix: str, commit: bool = True) -> None:
-        root = Path(prefix)
-        if root.exists() and not root.is_dir():
-            raise AccessError(f"{prefix}: exists and is a file, not a directory")
-        files = local_files(src)
-        if commit:  # a re-upload must not look committed while it is in flux
-            (root / COMMIT_MARKER).unlink(missing_ok=True)
-        if src.resolve() != root.resolve():
-            for rel, f in files:
-                self.put_file(f, str(root / rel))
-        if commit:
-            self.write_bytes(str(root / COMMIT_MARKER), manifest(files))
-
-    @_fs_errors
-    def list(self, prefix: str) -> list[str]:
+    def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
         root = Path(prefix)
         if not root.is_dir():
-            return []
-        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+            return {}
+        return {p.relative_to(root).as_posix(): _info(p) for p in root.rglob("*") if p.is_file()}
+
+    @_fs_errors
+    def stat(self, key: str) -> ObjectInfo | None:
+        p = Path(key)
+        return _info(p) if p.is_file() else None
 
     @_fs_errors
     def exists(self, key: str) -> bool:
         return Path(key).is_file()
 
     @_fs_errors
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            Path(key).unlink()
+
+    @_fs_errors
     def delete_prefix(self, prefix: str) -> None:
         root = Path(prefix)
         if root.is_file():
             root.unlink()
-            return
-        (root / COMMIT_MARKER).unlink(missing_ok=True)
-        shutil.rmtree(root, ignore_errors=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
     @_fs_errors
     def read_bytes(self, key: str) -> bytes:
@@ -121,34 +128,6 @@ class LocalStore:
         if not p.is_file():
             raise AccessError(f"{key}: no such file")
         return p.read_bytes()
-
-    @_fs_errors
-    def write_bytes(self, key: str, data: bytes) -> None:
-        dest = Path(key)
-        if dest.is_dir():
-            raise AccessError(f"{key}: is a directory, cannot write a file there")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
-
-    @_fs_errors
-    def stat(self, key: str) -> ObjectInfo | None:
-        p = Path(key)
-        if not p.is_file():
-            return None
-        st = p.stat()
-        return ObjectInfo(st.st_size, f"{st.st_mtime_ns}-{st.st_size}")
-
-    @_fs_errors
-    def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
-        root = Path(prefix)
-        out = {}
-        for rel in self.list(prefix):
-            info = self.stat(str(root / rel))
-            if info is not None:
-                out[rel] = info
-        return out
 
     @_fs_errors
     def probe(self, key: str, write: bool) -> str:
@@ -167,3 +146,8 @@ class LocalStore:
 
     def credential_source(self) -> str:
         return "local"
+
+
+def _info(p: Path) -> ObjectInfo:
+    st = p.stat()
+    return ObjectInfo(st.st_size, f"{st.st_mtime_ns}-{st.st_size}")

@@ -22,15 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
-from sft_job.storage.base import (
-    COMMIT_MARKER,
-    SETTINGS,
-    ObjectInfo,
-    key_join,
-    local_files,
-    manifest,
-    safe_dest,
-)
+from sft_job.storage.base import ObjectInfo, key_join, mapped_errors, targets
 from sft_job.storage.checksum import ChecksumError, s3_etag
 from sft_job.storage.progress import Progress
 from sft_job.storage.retry import VERIFY_ATTEMPTS, max_attempts, transfer_verified
@@ -55,39 +47,31 @@ _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExce
 class S3Store:
     """One S3 bucket. Keys are '/'-separated; a prefix names the 'folder' `prefix/`."""
 
-    def __init__(self, bucket: str, endpoint_url: str | None = None) -> None:
-        self.bucket = bucket
-        self.session, self.client = _client(endpoint_url or SETTINGS.s3_endpoint_url)
+    atomic = False
 
-    # ------------------------------------------------------------------ reads
+    def __init__(self, bucket: str) -> None:
+        self.bucket = bucket
+        self.session, self.client = _client(tuple(os.environ.get(k) for k in _ENV_KEYS))
 
     def get_file(self, key: str, dest: Path) -> Path:
         with self._errors(key):
             head = self._head(key)
             if head is None:
                 raise AccessError(f"{self._uri(key)}: no such object")
-            items = [(dest, key, head["ContentLength"], head["ETag"])]
-            self._download(items, f"download {self._uri(key)}")
+            obj = {"Key": key, "Size": head["ContentLength"], "ETag": head["ETag"]}
+            self._download([(dest, obj)], self._uri(key))
         return dest
 
     def get_prefix(self, prefix: str, dest: Path) -> Path:
         with self._errors(prefix):
-            objs = self._list(prefix)
-            if not objs:
-                raise AccessError(f"{self._uri(prefix)}: no objects under this prefix")
-            items = [(safe_dest(dest, rel, self._uri(prefix)), o["Key"], o["Size"], o["ETag"])
-                     for rel, o in objs.items()]
-            self._download(items, f"download {self._uri(prefix)}")
+            self._download(targets(self._list(prefix), dest, self._uri(prefix)),
+                           self._uri(prefix))
         return dest
-
-    def list(self, prefix: str) -> list[str]:
-        with self._errors(prefix):
-            return sorted(self._list(prefix))
 
     def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
         with self._errors(prefix):
             return {rel: ObjectInfo(o["Size"], o["ETag"].strip('"'))
-                    for rel, o in sorted(self._list(prefix).items())}
+                    for rel, o in self._list(prefix).items()}
 
     def stat(self, key: str) -> ObjectInfo | None:
         with self._errors(key):
@@ -109,7 +93,7 @@ class S3Store:
             for _ in range(VERIFY_ATTEMPTS):
                 resp = self.client.get_object(Bucket=self.bucket, Key=key)
                 try:
-                    data = resp["Body"].read()
+                    data = resp["Body"].read()  # botocore checks the CRC S3 stored, if any
                 except FlexibleChecksumError:
                     continue
                 if _bytes_match(data, resp):
@@ -117,24 +101,9 @@ class S3Store:
             raise ChecksumError(f"{self._uri(key)}: downloaded bytes do not match the ETag "
                                 f"after {VERIFY_ATTEMPTS} tries")
 
-    # ----------------------------------------------------------------- writes
-
-    def put_file(self, src: Path, key: str) -> None:
-        if not src.is_file():
-            raise AccessError(f"{src}: no such local file to upload")
-        with self._errors(key):
-            self._upload([(src, key)], f"upload {self._uri(key)}")
-
-    def put_dir(self, src: Path, prefix: str, commit: bool = True) -> None:
-        files = local_files(src)
-        marker = key_join(prefix, COMMIT_MARKER)
-        with self._errors(prefix):
-            if commit:  # a re-upload must not look committed while it is in flux
-                self.client.delete_object(Bucket=self.bucket, Key=marker)
-            self._upload([(p, key_join(prefix, rel)) for rel, p in files],
-                         f"upload {self._uri(prefix)}")
-            if commit:
-                self.client.put_object(Bucket=self.bucket, Key=marker, Body=manifest(files))
+    def put_files(self, pairs: list[tuple[Path, str]], uri: str) -> None:
+        with mapped_errors(map_error, uri, self.bucket):
+            self._upload(pairs, uri)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         with self._errors(key):
@@ -145,13 +114,12 @@ class S3Store:
             raise ChecksumError(f"{self._uri(key)}: the stored ETag does not match the bytes "
                                 f"sent after {VERIFY_ATTEMPTS} tries")
 
+    def delete(self, key: str) -> None:
+        with self._errors(key):
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+
     def delete_prefix(self, prefix: str) -> None:
-        if not prefix.strip("/"):
-            raise ValueError(f"refusing to delete the whole bucket s3://{self.bucket}")
-        prefix = prefix.strip("/")
         with self._errors(prefix):
-            # The marker goes first so a half-deleted directory never looks committed.
-            self.client.delete_object(Bucket=self.bucket, Key=key_join(prefix, COMMIT_MARKER))
             keys = [o["Key"] for o in self._iter_objects(prefix)
                     if o["Key"] == prefix or o["Key"].startswith(prefix + "/")]
             for i in range(0, len(keys), 1000):
@@ -226,10 +194,13 @@ class S3Store:
                              preferred_transfer_client="classic")
         return create_transfer_manager(self.client, cfg)
 
-    def _upload(self, pairs: list[tuple[Path, str]], desc: str) -> None:
+    def _errors(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return mapped_errors(map_error, self._uri(key), self.bucket)
+
+    def _upload(self, pairs: list[tuple[Path, str]], uri: str) -> None:
         total = sum(p.stat().st_size for p, _ in pairs)
         # The local ETags are computed while the bytes travel, so verifying costs a HEAD.
-        with Progress(total, desc) as progress, ThreadPoolExecutor(2) as hasher:
+        with Progress(total, f"upload {uri}") as progress, ThreadPoolExecutor(2) as hasher:
             expected = {p: hasher.submit(_expected_etag, p) for p, _ in pairs}
 
             def transfer(batch: list[tuple[Path, str]]) -> None:
@@ -243,26 +214,26 @@ class S3Store:
                               lambda pk: self._verify(pk[0], pk[1], local=expected[pk[0]]),
                               lambda pk: self._uri(pk[1]))
 
-    def _download(self, items: list[tuple[Path, str, int, str]], desc: str) -> None:
+    def _download(self, items: list[tuple[Path, dict[str, Any]]], uri: str) -> None:
         from botocore.exceptions import FlexibleChecksumError
 
-        with Progress(sum(i[2] for i in items), desc) as progress:
-            def transfer(batch: list[tuple[Path, str, int, str]]) -> None:
-                for dest, *_ in batch:
+        with Progress(sum(o["Size"] for _, o in items), f"download {uri}") as progress:
+            def transfer(batch: list[tuple[Path, dict[str, Any]]]) -> None:
+                for dest, _ in batch:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                 with self._manager() as tm:
-                    futures = [tm.download(self.bucket, key, str(dest),
+                    futures = [tm.download(self.bucket, o["Key"], str(dest),
                                            subscribers=[_Sub(progress)])
-                               for dest, key, _, _ in batch]
+                               for dest, o in batch]
                     for f in futures:
                         # botocore's CRC check failed: the file is absent and verify retries it
                         with contextlib.suppress(FlexibleChecksumError):
                             f.result()
 
-            transfer_verified(
-                items, transfer,
-                lambda i: self._verify(i[0], i[1], {"ContentLength": i[2], "ETag": i[3]}),
-                lambda i: self._uri(i[1]))
+            transfer_verified(items, transfer,
+                              lambda i: self._verify(i[0], i[1]["Key"], {
+                                  "ContentLength": i[1]["Size"], "ETag": i[1]["ETag"]}),
+                              lambda i: self._uri(i[1]["Key"]))
 
     def _verify(self, path: Path, key: str, head: dict[str, Any] | None = None,
                 local: Future[str] | None = None) -> None:
@@ -287,19 +258,6 @@ class S3Store:
         mine = s3_etag(path, part)
         if mine != etag:
             raise ChecksumError(f"{self._uri(key)}: ETag {etag} in S3, {mine} locally")
-
-    @contextlib.contextmanager
-    def _errors(self, key: str) -> Iterator[None]:
-        """Turn boto errors into AccessError (exit 3) or TransientError (exit 75)."""
-        try:
-            yield
-        except SftJobError:
-            raise
-        except Exception as err:
-            mapped = map_error(err, self._uri(key), self.bucket)
-            if mapped is None:
-                raise
-            raise mapped from err
 
 
 class _Sub:
@@ -379,25 +337,20 @@ def map_error(err: BaseException, uri: str, bucket: str) -> SftJobError | None:
     return None
 
 
-def _client(endpoint_url: str | None) -> tuple[Any, Any]:
-    """A (session, client) pair, cached per endpoint and credential-related environment."""
-    return _cached_client(endpoint_url, tuple(os.environ.get(k) for k in _ENV_KEYS))
-
-
 @functools.lru_cache(maxsize=8)
-def _cached_client(endpoint_url: str | None, _env: tuple[str | None, ...]) -> tuple[Any, Any]:
+def _client(_env: tuple[str | None, ...]) -> tuple[Any, Any]:
+    """A (session, client) pair, cached per credential- and endpoint-related environment
+    (`output.s3_endpoint_url` arrives as AWS_ENDPOINT_URL_S3: see storage.export_s3_endpoint)."""
     import boto3
     from botocore.config import Config
 
-    custom = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL")
-    if custom:
+    where = next((k for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if os.environ.get(k)),
+                 None)
+    if where:
         from sft_job.uri import endpoint_problem
 
-        problem = endpoint_problem(custom)
+        problem = endpoint_problem(os.environ[where])
         if problem:
-            where = ("output.s3_endpoint_url" if endpoint_url else "AWS_ENDPOINT_URL_S3" if
-                     os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL")
             raise SpecError(f"{where}: {problem}")
     config = Config(
         retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
@@ -406,10 +359,10 @@ def _cached_client(endpoint_url: str | None, _env: tuple[str | None, ...]) -> tu
         connect_timeout=10,
         read_timeout=120,
         # S3-compatible stores (MinIO, moto, R2) rarely do virtual-hosted buckets.
-        s3={"addressing_style": "path"} if custom else None,
+        s3={"addressing_style": "path"} if where else None,
     )
     session = boto3.session.Session()
     try:
-        return session, session.client("s3", endpoint_url=endpoint_url, config=config)
+        return session, session.client("s3", config=config)
     except ValueError as e:  # botocore's own checks of the endpoint and region
         raise SpecError(f"S3 client settings (endpoint, AWS_REGION): {e}") from None
