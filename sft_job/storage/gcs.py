@@ -15,13 +15,14 @@ import contextlib
 import functools
 import os
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
 from sft_job.storage.base import ObjectInfo, key_join, mapped_errors, targets
-from sft_job.storage.checksum import ChecksumError, crc32c_b64
+from sft_job.storage.checksum import ChecksumError
 from sft_job.storage.progress import Progress, ProgressReader
 from sft_job.storage.retry import VERIFY_ATTEMPTS, retry_timeout, transfer_verified
 
@@ -95,17 +96,9 @@ class GCSStore:
             self._upload(pairs, uri)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        import google_crc32c
-
-        want = _b64(google_crc32c.Checksum(data).digest())
         with self._errors(key):
-            for _ in range(VERIFY_ATTEMPTS):
-                blob = self.bucket.blob(key)
-                blob.upload_from_string(data, retry=_retry())
-                if blob.crc32c in (None, want):
-                    return
-            raise ChecksumError(f"{self._uri(key)}: the stored CRC32C does not match the bytes "
-                                f"sent after {VERIFY_ATTEMPTS} tries")
+            self._transfer([key], lambda k: self.bucket.blob(k).upload_from_string(
+                data, retry=_retry(), checksum="crc32c"), str)
 
     def delete(self, key: str) -> None:
         with self._errors(key):
@@ -182,14 +175,9 @@ class GCSStore:
                 with open(path, "rb") as fh:
                     self.bucket.blob(key).upload_from_file(
                         ProgressReader(fh, progress), size=path.stat().st_size,
-                        retry=_retry(), checksum=None)
+                        retry=_retry(), checksum="crc32c")
 
-            def verify(pair: tuple[Path, str]) -> None:
-                path, key = pair
-                self._verify(path, self.bucket.get_blob(key, retry=_retry()), key)
-
-            transfer_verified(pairs, lambda batch: _parallel(one, batch), verify,
-                              lambda pk: self._uri(pk[1]))
+            self._transfer(pairs, one, lambda pair: pair[1])
 
     def _download(self, items: list[tuple[Path, Any]], uri: str) -> None:
         from google.cloud.storage import transfer_manager
@@ -199,30 +187,43 @@ class GCSStore:
                 dest, blob = item
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 part = dest.with_name(f".{dest.name}.part-{os.getpid()}")
-                if (blob.size or 0) >= SLICED_MIN:
-                    transfer_manager.download_chunks_concurrently(
-                        blob, str(part), chunk_size=SLICE, max_workers=4,
-                        worker_type=transfer_manager.THREAD, crc32c_checksum=False,
-                        download_kwargs={"retry": _retry()})
-                else:
-                    blob.download_to_filename(str(part), checksum=None, retry=_retry())
-                os.replace(part, dest)
+                try:
+                    if (blob.size or 0) >= SLICED_MIN:
+                        transfer_manager.download_chunks_concurrently(
+                            blob, str(part), chunk_size=SLICE, max_workers=4,
+                            worker_type=transfer_manager.THREAD, crc32c_checksum=True,
+                            download_kwargs={"retry": _retry()})
+                    else:
+                        blob.download_to_filename(str(part), checksum="crc32c", retry=_retry())
+                    os.replace(part, dest)
+                finally:
+                    part.unlink(missing_ok=True)
                 progress.update(blob.size or 0)
 
-            transfer_verified(items, lambda batch: _parallel(one, batch),
-                              lambda i: self._verify(i[0], i[1], i[1].name),
-                              lambda i: self._uri(i[1].name))
+            self._transfer(items, one, lambda item: item[1].name)
 
-    def _verify(self, path: Path, blob: Any, key: str) -> None:
-        """Raise ChecksumError unless the local file matches the object's size and CRC32C."""
-        if blob is None or not path.is_file():
-            raise ChecksumError(f"{self._uri(key)}: missing after the transfer")
-        size = path.stat().st_size
-        if blob.size != size:
-            raise ChecksumError(f"{self._uri(key)}: {blob.size} bytes in GCS, {size} locally")
-        local = crc32c_b64(path)
-        if blob.crc32c and blob.crc32c != local:
-            raise ChecksumError(f"{self._uri(key)}: CRC32C {blob.crc32c} in GCS, {local} locally")
+    def _transfer(self, items: list[Any], one: Callable[[Any], None],
+                  key: Callable[[Any], str]) -> None:
+        """`one(item)` for every item in parallel, through the client's own CRC32C check; an
+        item whose check fails is transferred again (see transfer_verified)."""
+        failed: dict[str, str] = {}
+
+        def checked(item: Any) -> None:
+            try:
+                one(item)
+                failed.pop(key(item), None)
+            except Exception as err:
+                if not _crc_mismatch(err):
+                    raise
+                failed[key(item)] = type(err).__name__
+
+        def verify(item: Any) -> None:
+            if key(item) in failed:
+                raise ChecksumError(f"{self._uri(key(item))}: CRC32C of the bytes differs from "
+                                    f"the object's ({failed[key(item)]})")
+
+        transfer_verified(items, lambda batch: _parallel(checked, batch), verify,
+                          lambda item: self._uri(key(item)))
 
 
 def map_error(err: BaseException, uri: str, bucket: str) -> SftJobError | None:
@@ -262,10 +263,14 @@ def _info(blob: Any) -> ObjectInfo:
     return ObjectInfo(int(blob.size or 0), f"{blob.generation}:{blob.crc32c or blob.md5_hash}")
 
 
-def _b64(raw: bytes) -> str:
-    import base64
+def _crc_mismatch(err: BaseException) -> bool:
+    """The client's CRC32C check failed: DataCorruption (downloads, resumable uploads), or GCS
+    refusing a one-request upload whose CRC32C differs from the bytes it got (400)."""
+    from google.api_core.exceptions import BadRequest
+    from google.cloud.storage.exceptions import DataCorruption
 
-    return base64.b64encode(raw).decode()
+    return isinstance(err, DataCorruption) or (
+        isinstance(err, BadRequest) and "crc32c" in str(err.message).lower())
 
 
 def _parallel(fn: Any, items: list[Any]) -> None:
