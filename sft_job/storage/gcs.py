@@ -6,7 +6,9 @@ client at an emulator. Files upload in parallel (a thread each; resumable above 
 files download in parallel ranges (`transfer_manager.download_chunks_concurrently`). Every
 call retries 429/5xx/connection errors with google.api_core's exponential backoff for at most
 SFT_JOB_STORAGE_RETRY_TIMEOUT seconds (default 120), uploads included (rewriting the same
-bytes is idempotent here). After each transfer the local CRC32C is compared with the object's.
+bytes is idempotent here). Integrity is the client's own CRC32C check (`checksum="crc32c"`):
+GCS verifies a one-request upload against it (400 on a mismatch), the client verifies
+resumable uploads and every download; a failed check transfers the file again.
 """
 
 from __future__ import annotations

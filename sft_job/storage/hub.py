@@ -14,12 +14,11 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
-from sft_job.storage.base import ObjectInfo, local_files, safe_dest
+from sft_job.storage.base import ObjectInfo, local_files, mapped_errors, safe_dest
 from sft_job.storage.checksum import ChecksumError, git_blob_sha1, sha256_hex
 from sft_job.storage.retry import call, max_attempts, transfer_verified
 
@@ -302,18 +301,9 @@ def _offline(err: BaseException) -> bool:
     return isinstance(err, OfflineModeIsEnabled) or isinstance(err.__cause__, OfflineModeIsEnabled)
 
 
-@contextlib.contextmanager
-def _errors(key: str, write: bool = False) -> Iterator[None]:
+def _errors(key: str, write: bool = False) -> contextlib.AbstractContextManager[None]:
     """Turn huggingface_hub errors into AccessError (exit 3) or TransientError (exit 75)."""
-    try:
-        yield
-    except SftJobError:
-        raise
-    except Exception as err:
-        mapped = map_error(err, f"hf://{key}", write)
-        if mapped is None:
-            raise
-        raise mapped from err
+    return mapped_errors(map_error, f"hf://{key}", write)
 
 
 def map_error(err: BaseException, uri: str, write: bool = False) -> SftJobError | None:

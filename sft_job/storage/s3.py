@@ -1,12 +1,15 @@
 """S3 and S3-compatible stores through boto3: parallel multipart transfers, verified by ETag.
 
 Credentials come from boto3's default chain (env, profile, IRSA / Pod Identity, instance
-role). A custom endpoint comes from `output.s3_endpoint_url` (see `storage.configure`) or
-AWS_ENDPOINT_URL_S3, which boto3 reads itself. botocore retries throttling, 5xx and dropped
-connections (`standard` mode with jittered backoff, SFT_JOB_STORAGE_MAX_ATTEMPTS or
-AWS_MAX_ATTEMPTS attempts, default 8); every request also
-carries a CRC32 checksum that S3 checks. After each transfer the file's MD5 (or multipart
-MD5-of-MD5s) is compared with the ETag, and a mismatch is transferred again.
+role); a custom endpoint from AWS_ENDPOINT_URL_S3, which boto3 reads itself (the job exports
+`output.s3_endpoint_url` there: see storage.export_s3_endpoint). botocore retries throttling,
+5xx and dropped connections (`standard` mode with jittered backoff, SFT_JOB_STORAGE_MAX_ATTEMPTS
+or AWS_MAX_ATTEMPTS attempts, default 8). Every request carries botocore's CRC32 (flexible
+checksums) and whole-object GETs are checked against it. That is not enough on its own: ranged
+GETs (s3transfer's parallel downloads) and composite multipart checksums go unchecked, and
+S3-compatible stores (moto, some MinIO/R2 setups) accept a PUT whose CRC32 differs. So after
+each transfer the file's MD5 (or multipart MD5-of-MD5s) is compared with the ETag by hand, and
+a mismatch is transferred again.
 """
 
 from __future__ import annotations
