@@ -124,7 +124,7 @@ def _s3_read(store: Any, key: str) -> tuple[bytes, str] | None:
 
     with store._errors(key):
         try:
-            resp = store.client.get_object(Bucket=store.bucket, Key=key)
+            resp = store.client.get_object(Bucket=store.name, Key=key)
         except ClientError as e:
             if _s3_code(e)[0] in ("NoSuchKey", "404", "NotFound"):
                 return None
@@ -138,7 +138,7 @@ def _s3_put(store: Any, key: str, data: bytes, match: str | None) -> str | None:
     cond = {"IfNoneMatch": "*"} if match is None else {"IfMatch": match}
     with store._errors(key):
         try:
-            return store.client.put_object(Bucket=store.bucket, Key=key, Body=data,
+            return store.client.put_object(Bucket=store.name, Key=key, Body=data,
                                            **cond)["ETag"]
         except ClientError as e:
             code, status = _s3_code(e)
@@ -147,11 +147,11 @@ def _s3_put(store: Any, key: str, data: bytes, match: str | None) -> str | None:
             if status != 501:
                 raise
         log.warning("s3://%s does not support conditional writes: the lease is written "
-                    "without one", store.bucket)
+                    "without one", store.name)
         cur = _s3_read(store, key)
         if (cur is None) != (match is None) or (cur is not None and cur[1] != match):
             return None
-        return store.client.put_object(Bucket=store.bucket, Key=key, Body=data)["ETag"]
+        return store.client.put_object(Bucket=store.name, Key=key, Body=data)["ETag"]
 
 
 def _s3_delete(store: Any, key: str, match: str) -> bool:
@@ -159,7 +159,7 @@ def _s3_delete(store: Any, key: str, match: str) -> bool:
 
     with store._errors(key):
         try:
-            store.client.delete_object(Bucket=store.bucket, Key=key, IfMatch=match)
+            store.client.delete_object(Bucket=store.name, Key=key, IfMatch=match)
             return True
         except ClientError as e:
             status = _s3_code(e)[1]
@@ -170,7 +170,7 @@ def _s3_delete(store: Any, key: str, match: str) -> bool:
         cur = _s3_read(store, key)
         if cur is None or cur[1] != match:
             return False
-        store.client.delete_object(Bucket=store.bucket, Key=key)
+        store.client.delete_object(Bucket=store.name, Key=key)
         return True
 
 

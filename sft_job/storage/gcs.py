@@ -16,14 +16,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
-from sft_job.storage.base import ObjectInfo, key_join, mapped_errors, targets
+from sft_job.storage.base import ObjectInfo
+from sft_job.storage.bucket import BucketStore
 from sft_job.storage.checksum import ChecksumError
 from sft_job.storage.progress import Progress, ProgressReader
 from sft_job.storage.retry import VERIFY_ATTEMPTS, retry_timeout, transfer_verified
@@ -35,47 +35,14 @@ _ENV_KEYS = ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_
              "SFT_JOB_STORAGE_RETRY_TIMEOUT")
 
 
-class GCSStore:
+class GCSStore(BucketStore):
     """One GCS bucket. Keys are object names; a prefix names the 'folder' `prefix/`."""
 
-    atomic = False
+    scheme = "gs"
 
     def __init__(self, bucket: str) -> None:
-        self.name = bucket
+        super().__init__(bucket)
         self._client: Any = None
-
-    def get_file(self, key: str, dest: Path) -> Path:
-        with self._errors(key):
-            blob = self.bucket.get_blob(key, retry=_retry())
-            if blob is None:
-                self._raise_missing(key)
-            self._download([(dest, blob)], self._uri(key))
-        return dest
-
-    def get_prefix(self, prefix: str, dest: Path) -> Path:
-        with self._errors(prefix):
-            self._download(targets(self._list(prefix), dest, self._uri(prefix)),
-                           self._uri(prefix))
-        return dest
-
-    def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
-        with self._errors(prefix):
-            return {rel: _info(b) for rel, b in self._list(prefix).items()}
-
-    def stat(self, key: str) -> ObjectInfo | None:
-        with self._errors(key):
-            blob = self.bucket.get_blob(key, retry=_retry()) if key else None
-            if blob is None:
-                self._check_bucket()
-                return None
-            return _info(blob)
-
-    def exists(self, key: str) -> bool:
-        if not key:
-            with self._errors(key):
-                self._check_bucket()
-                return True
-        return self.stat(key) is not None
 
     def read_bytes(self, key: str) -> bytes:
         from google.api_core.exceptions import NotFound
@@ -87,45 +54,17 @@ class GCSStore:
                     return self.bucket.blob(key).download_as_bytes(checksum="crc32c",
                                                                    retry=_retry())
                 except NotFound:
-                    self._raise_missing(key)
+                    self._check_bucket()
+                    raise AccessError(f"{self._uri(key)}: no such object") from None
                 except DataCorruption:
                     continue
             raise ChecksumError(f"{self._uri(key)}: downloaded bytes fail the CRC32C check "
                                 f"after {VERIFY_ATTEMPTS} tries")
 
-    def put_files(self, pairs: list[tuple[Path, str]], uri: str) -> None:
-        with mapped_errors(map_error, uri, self.name):
-            self._upload(pairs, uri)
-
     def write_bytes(self, key: str, data: bytes) -> None:
         with self._errors(key):
             self._transfer([key], lambda k: self.bucket.blob(k).upload_from_string(
                 data, retry=_retry(), checksum="crc32c"), str)
-
-    def delete(self, key: str) -> None:
-        with self._errors(key):
-            self._delete([key])
-
-    def delete_prefix(self, prefix: str) -> None:
-        with self._errors(prefix):
-            names = [b.name for b in self.client.list_blobs(self.name, prefix=prefix,
-                                                             retry=_retry())
-                     if b.name == prefix or b.name.startswith(prefix + "/")]
-            self._delete(names)
-
-    def probe(self, key: str, write: bool) -> str:
-        """Check credentials and access now; returns the credential kind in use."""
-        kind = self.credential_source()
-        with self._errors(key):
-            self._check_bucket(key)
-            if write:
-                probe = key_join(key, f".sft-job-probe-{uuid.uuid4().hex}")
-                self.bucket.blob(probe).upload_from_string(b"", retry=_retry())
-                self._delete([probe])
-            elif key and self.bucket.get_blob(key, retry=_retry()) is None \
-                    and not self._list(key, limit=1):
-                raise AccessError(f"{self._uri(key)}: no such object or prefix")
-            return kind
 
     def credential_source(self) -> str:
         """The kind of Google credentials in use, e.g. 'google:compute_engine.Credentials'."""
@@ -142,23 +81,26 @@ class GCSStore:
     def bucket(self) -> Any:
         return self.client.bucket(self.name)
 
-    def _uri(self, key: str) -> str:
-        return f"gs://{self.name}/{key}".rstrip("/")
+    def _map_error(self, err: BaseException, uri: str) -> SftJobError | None:
+        return map_error(err, uri, self.name)
+
+    def _head(self, key: str) -> Any:
+        blob = self.bucket.get_blob(key, retry=_retry())
+        if blob is None:
+            self._check_bucket()
+        return blob
+
+    def _objects(self, prefix: str, limit: int | None) -> Iterator[tuple[str, Any]]:
+        for b in self.client.list_blobs(self.name, prefix=prefix or None, max_results=limit,
+                                        retry=_retry()):
+            yield b.name, b
+
+    def _info(self, blob: Any) -> ObjectInfo:
+        return ObjectInfo(int(blob.size or 0), f"{blob.generation}:{blob.crc32c or blob.md5_hash}")
 
     def _check_bucket(self, prefix: str = "") -> None:
         """Raise NotFound if the bucket is missing (needs only storage.objects.list)."""
-        list(self.client.list_blobs(self.name, prefix=prefix or None, max_results=1,
-                                    retry=_retry()))
-
-    def _raise_missing(self, key: str) -> None:
-        self._check_bucket()
-        raise AccessError(f"{self._uri(key)}: no such object")
-
-    def _list(self, prefix: str, limit: int | None = None) -> dict[str, Any]:
-        p = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        blobs = self.client.list_blobs(self.name, prefix=p or None, max_results=limit,
-                                       retry=_retry())
-        return {b.name[len(p):]: b for b in blobs if not b.name.endswith("/")}
+        list(self._objects(prefix, 1))
 
     def _delete(self, names: list[str]) -> None:
         from google.api_core.exceptions import NotFound
@@ -166,9 +108,6 @@ class GCSStore:
         for name in names:
             with contextlib.suppress(NotFound):
                 self.bucket.blob(name).delete(retry=_retry())
-
-    def _errors(self, key: str) -> contextlib.AbstractContextManager[None]:
-        return mapped_errors(map_error, self._uri(key), self.name)
 
     def _upload(self, pairs: list[tuple[Path, str]], uri: str) -> None:
         with Progress(sum(p.stat().st_size for p, _ in pairs), f"upload {uri}") as progress:
@@ -259,10 +198,6 @@ def map_error(err: BaseException, uri: str, bucket: str) -> SftJobError | None:
     if isinstance(err, (gx.GoogleAPICallError, InvalidResponse)):
         return AccessError(f"{uri}: GCS refused the request ({status or type(err).__name__})")
     return None
-
-
-def _info(blob: Any) -> ObjectInfo:
-    return ObjectInfo(int(blob.size or 0), f"{blob.generation}:{blob.crc32c or blob.md5_hash}")
 
 
 def _crc_mismatch(err: BaseException) -> bool:

@@ -18,14 +18,14 @@ import contextlib
 import functools
 import hashlib
 import os
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
-from sft_job.storage.base import ObjectInfo, key_join, mapped_errors, targets
+from sft_job.storage.base import ObjectInfo
+from sft_job.storage.bucket import BucketStore
 from sft_job.storage.checksum import ChecksumError, s3_etag
 from sft_job.storage.progress import Progress
 from sft_job.storage.retry import VERIFY_ATTEMPTS, max_attempts, transfer_verified
@@ -47,54 +47,21 @@ _TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExce
               "500", "502", "503", "504", "BadDigest"}
 
 
-class S3Store:
+class S3Store(BucketStore):
     """One S3 bucket. Keys are '/'-separated; a prefix names the 'folder' `prefix/`."""
 
-    atomic = False
+    scheme = "s3"
 
     def __init__(self, bucket: str) -> None:
-        self.bucket = bucket
+        super().__init__(bucket)
         self.session, self.client = _client(tuple(os.environ.get(k) for k in _ENV_KEYS))
-
-    def get_file(self, key: str, dest: Path) -> Path:
-        with self._errors(key):
-            head = self._head(key)
-            if head is None:
-                raise AccessError(f"{self._uri(key)}: no such object")
-            obj = {"Key": key, "Size": head["ContentLength"], "ETag": head["ETag"]}
-            self._download([(dest, obj)], self._uri(key))
-        return dest
-
-    def get_prefix(self, prefix: str, dest: Path) -> Path:
-        with self._errors(prefix):
-            self._download(targets(self._list(prefix), dest, self._uri(prefix)),
-                           self._uri(prefix))
-        return dest
-
-    def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
-        with self._errors(prefix):
-            return {rel: ObjectInfo(o["Size"], o["ETag"].strip('"'))
-                    for rel, o in self._list(prefix).items()}
-
-    def stat(self, key: str) -> ObjectInfo | None:
-        with self._errors(key):
-            head = self._head(key)
-            return None if head is None else ObjectInfo(head["ContentLength"],
-                                                        head["ETag"].strip('"'))
-
-    def exists(self, key: str) -> bool:
-        if not key:
-            with self._errors(key):
-                self.client.head_bucket(Bucket=self.bucket)
-                return True
-        return self.stat(key) is not None
 
     def read_bytes(self, key: str) -> bytes:
         from botocore.exceptions import FlexibleChecksumError
 
         with self._errors(key):
             for _ in range(VERIFY_ATTEMPTS):
-                resp = self.client.get_object(Bucket=self.bucket, Key=key)
+                resp = self.client.get_object(Bucket=self.name, Key=key)
                 try:
                     data = resp["Body"].read()  # botocore checks the CRC S3 stored, if any
                 except FlexibleChecksumError:
@@ -104,47 +71,14 @@ class S3Store:
             raise ChecksumError(f"{self._uri(key)}: downloaded bytes do not match the ETag "
                                 f"after {VERIFY_ATTEMPTS} tries")
 
-    def put_files(self, pairs: list[tuple[Path, str]], uri: str) -> None:
-        with mapped_errors(map_error, uri, self.bucket):
-            self._upload(pairs, uri)
-
     def write_bytes(self, key: str, data: bytes) -> None:
         with self._errors(key):
             for _ in range(VERIFY_ATTEMPTS):
-                resp = self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+                resp = self.client.put_object(Bucket=self.name, Key=key, Body=data)
                 if _bytes_match(data, resp):
                     return
             raise ChecksumError(f"{self._uri(key)}: the stored ETag does not match the bytes "
                                 f"sent after {VERIFY_ATTEMPTS} tries")
-
-    def delete(self, key: str) -> None:
-        with self._errors(key):
-            self.client.delete_object(Bucket=self.bucket, Key=key)
-
-    def delete_prefix(self, prefix: str) -> None:
-        with self._errors(prefix):
-            keys = [o["Key"] for o in self._iter_objects(prefix)
-                    if o["Key"] == prefix or o["Key"].startswith(prefix + "/")]
-            for i in range(0, len(keys), 1000):
-                resp = self.client.delete_objects(Bucket=self.bucket, Delete={
-                    "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
-                if resp.get("Errors"):
-                    e = resp["Errors"][0]
-                    raise AccessError(f"{self._uri(e['Key'])}: delete failed ({e['Code']}); the "
-                                      f"job's identity needs s3:DeleteObject")
-
-    def probe(self, key: str, write: bool) -> str:
-        """Check credentials and access now; returns the credential source boto3 used."""
-        with self._errors(key):
-            source = self.credential_source()
-            self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
-            if write:
-                probe = key_join(key, f".sft-job-probe-{uuid.uuid4().hex}")
-                self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"")
-                self.client.delete_object(Bucket=self.bucket, Key=probe)
-            elif key and self._head(key) is None and not self._list(key, limit=1):
-                raise AccessError(f"{self._uri(key)}: no such object or prefix")
-            return source
 
     def credential_source(self) -> str:
         """Which link of boto3's chain supplies credentials, e.g. 'aws:iam-role' (no secret)."""
@@ -156,38 +90,42 @@ class S3Store:
                 raise NoCredentialsError()
             return f"aws:{creds.method}"
 
-    # --------------------------------------------------------------- helpers
-
-    def _uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}".rstrip("/")
+    def _map_error(self, err: BaseException, uri: str) -> SftJobError | None:
+        return map_error(err, uri, self.name)
 
     def _head(self, key: str) -> dict[str, Any] | None:
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.head_object(Bucket=self.bucket, Key=key)
+            head = self.client.head_object(Bucket=self.name, Key=key)
         except ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                self.client.head_bucket(Bucket=self.bucket)  # 404 on a missing bucket too
+                self.client.head_bucket(Bucket=self.name)  # 404 on a missing bucket too
                 return None
             raise
+        return {**head, "Key": key, "Size": head["ContentLength"]}
 
-    def _iter_objects(self, prefix: str) -> Iterator[dict[str, Any]]:
+    def _objects(self, prefix: str, limit: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=prefix)
+            Bucket=self.name, Prefix=prefix)
         for page in pages:
-            yield from page.get("Contents", [])
+            for o in page.get("Contents", []):
+                yield o["Key"], o
 
-    def _list(self, prefix: str, limit: int | None = None) -> dict[str, dict[str, Any]]:
-        """Objects under `prefix/`, by key relative to it (folder placeholders skipped)."""
-        p = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        out: dict[str, dict[str, Any]] = {}
-        for o in self._iter_objects(p):
-            if not o["Key"].endswith("/"):
-                out[o["Key"][len(p):]] = o
-                if limit and len(out) >= limit:
-                    break
-        return out
+    def _info(self, obj: dict[str, Any]) -> ObjectInfo:
+        return ObjectInfo(obj["Size"], obj["ETag"].strip('"'))
+
+    def _check_bucket(self, prefix: str = "") -> None:
+        self.client.list_objects_v2(Bucket=self.name, Prefix=prefix, MaxKeys=1)
+
+    def _delete(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 1000):
+            resp = self.client.delete_objects(Bucket=self.name, Delete={
+                "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+            if resp.get("Errors"):
+                e = resp["Errors"][0]
+                raise AccessError(f"{self._uri(e['Key'])}: delete failed ({e['Code']}); the "
+                                  f"job's identity needs s3:DeleteObject")
 
     def _manager(self) -> Any:
         from boto3.s3.transfer import TransferConfig, create_transfer_manager
@@ -197,9 +135,6 @@ class S3Store:
                              preferred_transfer_client="classic")
         return create_transfer_manager(self.client, cfg)
 
-    def _errors(self, key: str) -> contextlib.AbstractContextManager[None]:
-        return mapped_errors(map_error, self._uri(key), self.bucket)
-
     def _upload(self, pairs: list[tuple[Path, str]], uri: str) -> None:
         total = sum(p.stat().st_size for p, _ in pairs)
         # The local ETags are computed while the bytes travel, so verifying costs a HEAD.
@@ -208,7 +143,7 @@ class S3Store:
 
             def transfer(batch: list[tuple[Path, str]]) -> None:
                 with self._manager() as tm:
-                    futures = [tm.upload(str(p), self.bucket, k, subscribers=[_Sub(progress)])
+                    futures = [tm.upload(str(p), self.name, k, subscribers=[_Sub(progress)])
                                for p, k in batch]
                     for f in futures:
                         f.result()
@@ -225,7 +160,7 @@ class S3Store:
                 for dest, _ in batch:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                 with self._manager() as tm:
-                    futures = [tm.download(self.bucket, o["Key"], str(dest),
+                    futures = [tm.download(self.name, o["Key"], str(dest),
                                            subscribers=[_Sub(progress)])
                                for dest, o in batch]
                     for f in futures:
@@ -233,22 +168,19 @@ class S3Store:
                         with contextlib.suppress(FlexibleChecksumError):
                             f.result()
 
-            transfer_verified(items, transfer,
-                              lambda i: self._verify(i[0], i[1]["Key"], {
-                                  "ContentLength": i[1]["Size"], "ETag": i[1]["ETag"]}),
+            transfer_verified(items, transfer, lambda i: self._verify(i[0], i[1]["Key"], i[1]),
                               lambda i: self._uri(i[1]["Key"]))
 
     def _verify(self, path: Path, key: str, head: dict[str, Any] | None = None,
                 local: Future[str] | None = None) -> None:
         """Raise ChecksumError unless the local file matches the object's size and ETag.
         `local`: the ETag this file gets with our part size, computed ahead."""
-        head = head or self.client.head_object(Bucket=self.bucket, Key=key)
-        if not path.is_file():
+        head = head or self._head(key)
+        if head is None or not path.is_file():
             raise ChecksumError(f"{self._uri(key)}: missing after the transfer")
         size = path.stat().st_size
-        if head["ContentLength"] != size:
-            raise ChecksumError(f"{self._uri(key)}: {head['ContentLength']} bytes in S3, "
-                                f"{size} locally")
+        if head["Size"] != size:
+            raise ChecksumError(f"{self._uri(key)}: {head['Size']} bytes in S3, {size} locally")
         if _etag_not_md5(head):
             return  # SSE-KMS / SSE-C: the ETag is no MD5; per-request CRC32s still apply
         etag = head["ETag"].strip('"')
@@ -256,7 +188,7 @@ class S3Store:
             return
         part = None
         if "-" in etag:  # multipart: the part size is whatever the uploader used
-            part = self.client.head_object(Bucket=self.bucket, Key=key,
+            part = self.client.head_object(Bucket=self.name, Key=key,
                                            PartNumber=1)["ContentLength"]
         mine = s3_etag(path, part)
         if mine != etag:
