@@ -12,7 +12,6 @@ a plain write: read-compare-write, with a small race window), GCS `ifGenerationM
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import logging
@@ -60,7 +59,7 @@ def _open(key: str) -> Any:
 
 
 def _local_read(store: Any, key: str) -> tuple[bytes, str] | None:
-    with store_errors(store, key):
+    with store._errors(key):
         f = _open(key)
         if f is None:
             return None
@@ -72,7 +71,7 @@ def _local_read(store: Any, key: str) -> tuple[bytes, str] | None:
 
 def _local_put(store: Any, key: str, data: bytes, match: str | None) -> str | None:
     p = Path(key)
-    with store_errors(store, key):
+    with store._errors(key):
         if match is None:
             p.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -99,7 +98,7 @@ def _local_put(store: Any, key: str, data: bytes, match: str | None) -> str | No
 
 
 def _local_delete(store: Any, key: str, match: str) -> bool:
-    with store_errors(store, key):
+    with store._errors(key):
         f = _open(key)
         if f is None:
             return False
@@ -214,17 +213,6 @@ def _gcs_delete(store: Any, key: str, match: str) -> bool:
             return True
         except (PreconditionFailed, NotFound):
             return False
-
-
-@contextlib.contextmanager
-def store_errors(store: Any, key: str) -> Any:
-    """Local files: OSError -> the store's user-facing error."""
-    from sft_job.storage.local import os_error
-
-    try:
-        yield
-    except OSError as e:
-        raise os_error(e, key) from None
 
 
 _OPS: dict[str, tuple[Any, Any, Any]] = {

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
-from sft_job.storage.base import ObjectInfo
+from sft_job.storage.base import ObjectInfo, mapped_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 _TRANSIENT = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ESTALE}
@@ -146,6 +146,11 @@ class LocalStore:
 
     def credential_source(self) -> str:
         return "local"
+
+    def _errors(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """OSError -> os_error's answer (for storage.conditional)."""
+        return mapped_errors(lambda e, uri: os_error(e, uri) if isinstance(e, OSError) else None,
+                             key)
 
 
 def _info(p: Path) -> ObjectInfo:
