@@ -1,13 +1,12 @@
 """Checksums the object stores report, computed locally so transfers can be verified.
 
 S3 ETags are the MD5 of the object (single part) or the MD5 of the parts' MD5s plus `-N`
-(multipart); GCS reports base64 CRC32C and MD5; the Hub reports git blob SHA-1s (and SHA-256
-for LFS files).
+(multipart); the Hub reports git blob SHA-1s (and SHA-256 for LFS files). GCS needs none of
+these: its client checks CRC32C itself (gcs.py).
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from pathlib import Path
 
@@ -51,17 +50,6 @@ def s3_etag(path: Path, part_size: int | None = None) -> str:
             if left:
                 break
     return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
-
-
-def crc32c_b64(path: Path) -> str:
-    """Base64 big-endian CRC32C of a file, as GCS reports it (`blob.crc32c`)."""
-    import google_crc32c
-
-    c = google_crc32c.Checksum()
-    with open(path, "rb") as f:
-        while chunk := f.read(_BLOCK):
-            c.update(chunk)
-    return base64.b64encode(c.digest()).decode()
 
 
 def git_blob_sha1(path: Path) -> str:

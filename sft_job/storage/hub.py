@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
-from sft_job.storage.base import ObjectInfo, local_files, mapped_errors, safe_dest
+from sft_job.storage.base import ObjectInfo, local_files, mapped_errors, targets
 from sft_job.storage.checksum import ChecksumError, git_blob_sha1, sha256_hex
 from sft_job.storage.retry import call, max_attempts, transfer_verified
 
@@ -45,11 +45,7 @@ class HubStore:
         u = _parse(prefix)
         with _errors(prefix):
             sha = self._sha(u)
-            entries = self._tree(u, sha)
-            if not entries:
-                raise AccessError(f"hf://{prefix}: no files under this path")
-            where = f"hf://{prefix}"
-            self._download(u, sha, {safe_dest(dest, rel, where): e for rel, e in entries.items()},
+            self._download(u, sha, dict(targets(self._tree(u, sha), dest, f"hf://{prefix}")),
                            dest)
         return dest
 
