@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sft_job import storage
-from sft_job.errors import AccessError
+from sft_job.errors import AccessError, TransientError
 from sft_job.storage import join
 from tests.servers import fault_proxy, free_port, use_env
 
@@ -96,3 +96,19 @@ def test_cli_unreachable_endpoint_exits_75(s3: Any) -> None:
     assert r.returncode == 75, r.stderr
     assert "cannot reach S3" in r.stderr and "s3://bucket/jobs/job.yaml" in r.stderr
     assert SECRET not in r.stdout + r.stderr
+
+
+def test_output_endpoint_reaches_child_processes(s3: Any, s3_bucket: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`output.s3_endpoint_url` is exported as boto3's own AWS_ENDPOINT_URL_S3 at job start:
+    it wins over a wrong one in the environment, here and in a process started afterwards
+    (the checkpoint uploader is spawned the same way, and inherits the environment)."""
+    use_env(monkeypatch, {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}",
+                          "SFT_JOB_STORAGE_MAX_ATTEMPTS": "1"})
+    with pytest.raises(TransientError, match="cannot reach S3"):
+        storage.list_keys(s3_bucket)
+    storage.export_s3_endpoint(s3.url)
+    storage.write_text(join(s3_bucket, "a.txt"), "x")
+    code = f"from sft_job import storage; print(storage.read_text({join(s3_bucket, 'a.txt')!r}))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "x", r.stderr
