@@ -118,6 +118,10 @@ class S3Store(BucketStore):
     def _check_bucket(self, prefix: str = "") -> None:
         self.client.list_objects_v2(Bucket=self.name, Prefix=prefix, MaxKeys=1)
 
+    def delete(self, key: str) -> None:
+        with self._errors(key):
+            self.client.delete_object(Bucket=self.name, Key=key)
+
     def _delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
             resp = self.client.delete_objects(Bucket=self.name, Delete={
