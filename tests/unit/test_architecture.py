@@ -17,8 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "sft_job"
 PARTS = [
     ("sft_job.__main__", "cli"), ("sft_job.cli", "cli"),
     *[(f"sft_job.{m}", "job") for m in ("pipeline", "context", "prepare", "fit",
-                                         "finalize", "preflight", "checks", "memory",
-                                         "progress", "status", "specload")],
+                                         "finalize", "preflight", "memory", "progress",
+                                         "status", "specload")],
     ("sft_job.finish", "finish"), ("sft_job.train", "train"),
     ("sft_job.checkpoint", "checkpoint"), ("sft_job.synth", "synth"),
     ("sft_job.data", "data"), ("sft_job.models", "models"), ("sft_job.storage", "storage"),
