@@ -74,100 +74,120 @@ def callback(spec: JobSpec, uploader: Any, stop: Any, state: dict[str, Any], met
     train.eval_steps when there is eval data. `extras(step) -> {uri: path}`: more to upload
     with a checkpoint (node 0)."""
     from transformers import TrainerCallback
-    from transformers.trainer_utils import rotate_checkpoints
 
-    from sft_job.checkpoint.preempt import agree, agree_max
+    class CheckpointSync(_Sync, TrainerCallback):
+        """_Sync's events on transformers' callback interface."""
 
-    topo = topo or Topology()
-    every_s = spec.output.save_every_minutes * 60 if spec.output.save_every_minutes else None
+    return CheckpointSync(spec, uploader, stop, state, metrics_path, staging, topo or Topology(),
+                          resumed_step, eval_every, extras)
 
-    class CheckpointSync(TrainerCallback):
-        def __init__(self) -> None:
-            self.last_save = time.monotonic()
-            self.stopped_at: int | None = None
-            self.last_saved: int | None = None
-            self.resumed_step = resumed_step
-            self.evaluated_at: int | None = None
-            self.eval_pending_at: int | None = None
-            self._token: str | None = None
-            self._ranks = {topo.rank}
 
-        def on_log(self, args, state_, control, logs=None, **kw):
-            if logs and "eval_loss" in logs:
-                self.evaluated_at = state_.global_step
+class _Sync:
+    """The checkpoint callback's state and events (see `callback`, which gives it the
+    TrainerCallback interface: this module imports no transformers until a trainer needs it)."""
 
-        def on_step_end(self, args, state_, control, **kw):
-            if agree(bool(stop.requested)):
-                self.stopped_at = state_.global_step
-                control.should_save = True
-                control.should_training_stop = True
-            elif every_s and agree(time.monotonic() - self.last_save >= every_s):
-                control.should_save = True
-            return control
+    def __init__(self, spec: JobSpec, uploader: Any, stop: Any, state: dict[str, Any],
+                 metrics_path: Path, staging: Path, topo: Topology, resumed_step: int | None,
+                 eval_every: int | None, extras: Any) -> None:
+        self.uploader, self.stop, self.run_state, self.topo = uploader, stop, state, topo
+        self.metrics_path, self.staging, self.extras = metrics_path, staging, extras
+        self.eval_every = eval_every
+        self.every_s = spec.output.save_every_minutes * 60 if spec.output.save_every_minutes \
+            else None
+        self.last_save = time.monotonic()
+        self.stopped_at: int | None = None
+        self.last_saved: int | None = None
+        self.resumed_step = resumed_step
+        self.evaluated_at: int | None = None
+        self.eval_pending_at: int | None = None
+        self._token: str | None = None
+        self._ranks = {topo.rank}
 
-        def on_save(self, args, state_, control, **kw):
-            self.last_save = time.monotonic()
-            step = self.last_saved = state_.global_step
-            code = uploader.failure_code() if uploader is not None else 0
-            # every rank has written its files once all are here (this all-reduce is a
-            # barrier); agree on a stop requested during the save and on failing uploads
-            stop_now, worst = agree_max([int(bool(stop.requested)), _SEVERITY.get(code, 2)])
-            if worst:
-                raise _failure(uploader, worst)
-            self._meet()
-            if stop_now and self._eval_abandoned(step, state_.max_steps):
-                self.eval_pending_at = step
-                log.warning("stop requested during the evaluation at step %d: abandoned, the "
-                            "checkpoint comes first (a resumed run evaluates step %d first)",
-                            step, step)
-            if uploader is not None:
-                self._stage(args, step, urgent=bool(stop_now))
-            if not args.should_save and topo.local_rank == 0:  # the Trainer rotates on rank 0 only
-                rotate_checkpoints(args.output_dir, args.save_total_limit)
-            if stop_now:
-                if not control.should_training_stop:
-                    log.warning("stop requested during the save of step %d: it is the stop "
-                                "checkpoint", step)
-                control.should_training_stop = True
-                self.stopped_at = step
-            return control
+    def on_log(self, args, state_, control, logs=None, **kw):
+        if logs and "eval_loss" in logs:
+            self.evaluated_at = state_.global_step
 
-        def _eval_abandoned(self, step: int, max_steps: int) -> bool:
-            """An evaluation was due at `step` and the stop left it undone."""
-            due = bool(eval_every) and not step % eval_every and step < max_steps
-            return due and self.evaluated_at != step
+    def on_step_end(self, args, state_, control, **kw):
+        from sft_job.checkpoint.preempt import agree
 
-        def _meet(self) -> None:
-            """First save: share one attempt token (rank 0's) and learn this node's ranks."""
-            if self._token is not None:
-                return
-            import torch.distributed as dist
+        if agree(bool(self.stop.requested)):
+            self.stopped_at = state_.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        elif self.every_s and agree(time.monotonic() - self.last_save >= self.every_s):
+            control.should_save = True
+        return control
 
-            mine = (topo.rank, topo.node, uuid.uuid4().hex)
-            everyone: list[Any] = [mine]
-            if dist.is_available() and dist.is_initialized():
-                everyone = [None] * dist.get_world_size()
-                dist.all_gather_object(everyone, mine)
-            self._token = everyone[0][2]
-            self._ranks = {r for r, n, _ in everyone if n == topo.node}
+    def on_save(self, args, state_, control, **kw):
+        from transformers.trainer_utils import rotate_checkpoints
 
-        def _stage(self, args: Any, step: int, urgent: bool) -> None:
-            src = Path(args.output_dir) / f"checkpoint-{step}"
-            dest = staging / f"node-{topo.node}" / step_name(step)
-            shutil.rmtree(dest, ignore_errors=True)
-            link_copy(src, dest, commit.part_files(src, self._ranks, common=topo.node == 0))
-            more = None
-            if topo.node == 0:
-                saved = {**state, "step": step}
-                if self.eval_pending_at == step:
-                    saved["eval_pending"] = True
-                (dest / STATE_FILE).write_text(json.dumps(saved))
-                if metrics_path.is_file():
-                    shutil.copyfile(metrics_path, dest / METRICS_FILE)
-                more = extras(step) if extras is not None else None
-            uploader.submit(step, dest, self._token or "", more, urgent)
+        from sft_job.checkpoint.preempt import agree_max
 
-    return CheckpointSync()
+        self.last_save = time.monotonic()
+        step = self.last_saved = state_.global_step
+        code = self.uploader.failure_code() if self.uploader is not None else 0
+        # every rank has written its files once all are here (this all-reduce is a
+        # barrier); agree on a stop requested during the save and on failing uploads
+        stop_now, worst = agree_max([int(bool(self.stop.requested)), _SEVERITY.get(code, 2)])
+        if worst:
+            raise _failure(self.uploader, worst)
+        self._meet()
+        if stop_now and self._eval_abandoned(step, state_.max_steps):
+            self.eval_pending_at = step
+            log.warning("stop requested during the evaluation at step %d: abandoned, the "
+                        "checkpoint comes first (a resumed run evaluates step %d first)",
+                        step, step)
+        if self.uploader is not None:
+            self._stage(args, step, urgent=bool(stop_now))
+        if not args.should_save and self.topo.local_rank == 0:  # the Trainer rotates on rank 0 only
+            rotate_checkpoints(args.output_dir, args.save_total_limit)
+        if stop_now:
+            if not control.should_training_stop:
+                log.warning("stop requested during the save of step %d: it is the stop "
+                            "checkpoint", step)
+            control.should_training_stop = True
+            self.stopped_at = step
+        return control
+
+    def _eval_abandoned(self, step: int, max_steps: int) -> bool:
+        """An evaluation was due at `step` and the stop left it undone."""
+        every = self.eval_every
+        due = bool(every) and not step % every and step < max_steps
+        return due and self.evaluated_at != step
+
+    def _meet(self) -> None:
+        """First save: share one attempt token (rank 0's) and learn this node's ranks."""
+        if self._token is not None:
+            return
+        import torch.distributed as dist
+
+        topo = self.topo
+        mine = (topo.rank, topo.node, uuid.uuid4().hex)
+        everyone: list[Any] = [mine]
+        if dist.is_available() and dist.is_initialized():
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        self._token = everyone[0][2]
+        self._ranks = {r for r, n, _ in everyone if n == topo.node}
+
+    def _stage(self, args: Any, step: int, urgent: bool) -> None:
+        """Hard-link this node's files of the checkpoint into staging (node 0: with the run
+        state and the metrics) and queue them for the uploader."""
+        node = self.topo.node
+        src = Path(args.output_dir) / f"checkpoint-{step}"
+        dest = self.staging / f"node-{node}" / step_name(step)
+        shutil.rmtree(dest, ignore_errors=True)
+        link_copy(src, dest, commit.part_files(src, self._ranks, common=node == 0))
+        more = None
+        if node == 0:
+            saved = {**self.run_state, "step": step}
+            if self.eval_pending_at == step:
+                saved["eval_pending"] = True
+            (dest / STATE_FILE).write_text(json.dumps(saved))
+            if self.metrics_path.is_file():
+                shutil.copyfile(self.metrics_path, dest / METRICS_FILE)
+            more = self.extras(step) if self.extras is not None else None
+        self.uploader.submit(step, dest, self._token or "", more, urgent)
 
 
 # failure exit codes by how much they matter when ranks disagree (access > bug > transient)

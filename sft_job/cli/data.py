@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -69,48 +69,64 @@ def _check_base_url(url: str) -> str:
     return url.strip()
 
 
+# the options of `data synth`, one alias each (the command's signature is one line per option)
+_Topics = Annotated[str, typer.Option(help="Topics YAML (path or bucket URI); see "
+                                      "jobs/synth/topics.yaml.")]
+_N = Annotated[int, typer.Option(min=1, help="Rows wanted in the output.")]
+_Out = Annotated[str, typer.Option(help="Output file: path, s3://, gs:// or hf:// URI ending in "
+                                   ".jsonl, .json, .parquet or .csv.")]
+_Format = Annotated[str, typer.Option("--format", help=_FMT_HELP)]
+_Model = Annotated[str, typer.Option(help="Model name the endpoint serves.")]
+_BaseUrl = Annotated[str, typer.Option(envvar="OPENAI_BASE_URL", help="OpenAI-compatible API "
+                                       "root (…/v1).")]
+_KeyEnv = Annotated[str, typer.Option(help="Environment variable holding the API key.")]
+_Template = Annotated[str | None, typer.Option(help="Prompt template file (path or URI); "
+                                               "overrides the topics file's.")]
+_System = Annotated[str | None, typer.Option(help="System message; overrides the topics "
+                                             "file's.")]
+_PerRequest = Annotated[int, typer.Option(min=1, help="Pairs asked for per request.")]
+_Concurrency = Annotated[int, typer.Option(min=1, help="Requests in flight at once.")]
+_Rpm = Annotated[float, typer.Option(min=0, help="Requests started per minute (0: no limit; "
+                                     "429s are honoured anyway).")]
+_Temperature = Annotated[float, typer.Option(min=0, help="Sampling temperature.")]
+_MaxTokens = Annotated[int | None, typer.Option(min=1, help="max_tokens per answer (default: "
+                                                "the server's).")]
+_JsonMode = Annotated[str, typer.Option(help="Ask for response_format json_object: auto (drop "
+                                        "it if the server refuses), on, off.")]
+_MaxRequests = Annotated[int | None, typer.Option(min=1, help="Requests allowed in all "
+                                                  "(default: 3x those needed).")]
+_MaxRetries = Annotated[int, typer.Option(min=0, help="Retries per request on 429/5xx/"
+                                          "timeouts.")]
+_Timeout = Annotated[float, typer.Option(min=1, help="Seconds per request.")]
+_MinChars = Annotated[int, typer.Option(min=1, help="Shortest prompt and response kept.")]
+_MaxChars = Annotated[int, typer.Option(min=1, help="Longest row kept (prompt + input + "
+                                        "response).")]
+_NearDup = Annotated[float, typer.Option(min=0.5, max=1.0, help="Prompts this similar (Jaccard "
+                                         "of character 5-grams) are duplicates; 1 = exact "
+                                         "duplicates only.")]
+_CheckpointSeconds = Annotated[float, typer.Option(min=1, help="Upload the journal this often "
+                                                   "(bucket output).")]
+_Stats = Annotated[Path | None, typer.Option(help="Also write the stats as JSON here.")]
+_Restart = Annotated[bool, typer.Option(help="Discard an earlier run's journal and start over.")]
+
+
 @data_app.command()
 def synth(
-    topics: Annotated[str, typer.Option(help="Topics YAML (path or bucket URI); see "
-                                        "jobs/synth/topics.yaml.")],
-    n: Annotated[int, typer.Option(min=1, help="Rows wanted in the output.")],
-    out: Annotated[str, typer.Option(help="Output file: path, s3://, gs:// or hf:// URI ending "
-                                     "in .jsonl, .json, .parquet or .csv.")],
-    format: Annotated[str, typer.Option("--format", help=_FMT_HELP)] = "alpaca",
-    model: Annotated[str, typer.Option(help="Model name the endpoint serves.")] = "gpt-4o-mini",
-    base_url: Annotated[str, typer.Option(envvar="OPENAI_BASE_URL", help="OpenAI-compatible API "
-                                          "root (…/v1).")] = "https://api.openai.com/v1",
-    key_env: Annotated[str, typer.Option(help="Environment variable holding the API key.")
-                       ] = "OPENAI_API_KEY",
-    template: Annotated[str | None, typer.Option(help="Prompt template file (path or URI); "
-                                                 "overrides the topics file's.")] = None,
-    system: Annotated[str | None, typer.Option(help="System message; overrides the topics "
-                                               "file's.")] = None,
-    per_request: Annotated[int, typer.Option(min=1, help="Pairs asked for per request.")] = 5,
-    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 4,
-    rpm: Annotated[float, typer.Option(min=0, help="Requests started per minute (0: no "
-                                       "limit; 429s are honoured anyway).")] = 0,
-    temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature.")] = 0.9,
-    max_tokens: Annotated[int | None, typer.Option(min=1, help="max_tokens per answer "
-                                                   "(default: the server's).")] = None,
-    json_mode: Annotated[str, typer.Option(help="Ask for response_format json_object: auto "
-                                           "(drop it if the server refuses), on, off.")] = "auto",
-    max_requests: Annotated[int | None, typer.Option(min=1, help="Requests allowed in all "
-                                                     "(default: 3x those needed).")] = None,
-    max_retries: Annotated[int, typer.Option(min=0, help="Retries per request on 429/5xx/"
-                                             "timeouts.")] = 6,
-    timeout: Annotated[float, typer.Option(min=1, help="Seconds per request.")] = 120,
-    min_chars: Annotated[int, typer.Option(min=1, help="Shortest prompt and response kept.")] = 10,
-    max_chars: Annotated[int, typer.Option(min=1, help="Longest row kept (prompt + input + "
-                                           "response).")] = 8000,
-    near_dup: Annotated[float, typer.Option(min=0.5, max=1.0, help="Prompts this similar "
-                                            "(Jaccard of character 5-grams) are duplicates; 1 "
-                                            "= exact duplicates only.")] = 0.8,
-    checkpoint_seconds: Annotated[float, typer.Option(min=1, help="Upload the journal this "
-                                                      "often (bucket output).")] = 30,
-    stats: Annotated[Path | None, typer.Option(help="Also write the stats as JSON here.")] = None,
-    restart: Annotated[bool, typer.Option(help="Discard an earlier run's journal and start "
-                                          "over.")] = False,
+    topics: _Topics,
+    n: _N,
+    out: _Out,
+    format: _Format = "alpaca",
+    model: _Model = "gpt-4o-mini",
+    base_url: _BaseUrl = "https://api.openai.com/v1",
+    key_env: _KeyEnv = "OPENAI_API_KEY",
+    template: _Template = None,
+    system: _System = None,
+    per_request: _PerRequest = 5, concurrency: _Concurrency = 4, rpm: _Rpm = 0,
+    temperature: _Temperature = 0.9, max_tokens: _MaxTokens = None,
+    json_mode: _JsonMode = "auto",
+    max_requests: _MaxRequests = None, max_retries: _MaxRetries = 6, timeout: _Timeout = 120,
+    min_chars: _MinChars = 10, max_chars: _MaxChars = 8000, near_dup: _NearDup = 0.8,
+    checkpoint_seconds: _CheckpointSeconds = 30, stats: _Stats = None, restart: _Restart = False,
 ) -> None:
     """Generate instruction/response pairs with any OpenAI-compatible chat endpoint.
 
@@ -119,13 +135,10 @@ def synth(
     _setup_logging()
     _choice(format, FORMATS, "--format")
     _choice(json_mode, ("auto", "on", "off"), "--json-mode")
-    api_key = os.environ.get(key_env, "").strip()
-    if not api_key:
-        raise SpecError(f"{key_env} is not set: export the endpoint's API key (for a local "
-                        "server without auth, any non-empty value); no data was generated")
-    base_url = _check_base_url(base_url)
+    client = _client(key_env, base_url, model=model, temperature=temperature,
+                     max_tokens=max_tokens, json_mode=json_mode, timeout=timeout,
+                     max_retries=max_retries, rpm=rpm)
 
-    from sft_job.synth.client import ClientSettings
     from sft_job.synth.run import SynthConfig, stats_json, stats_line, synthesize
     from sft_job.synth.topics import DEFAULT_TEMPLATE, load_topics
 
@@ -136,16 +149,25 @@ def synth(
         system=system if system is not None else tf.system,
         per_request=per_request, concurrency=concurrency, max_requests=max_requests,
         min_chars=min_chars, max_chars=max_chars, near_dup=near_dup,
-        checkpoint_seconds=checkpoint_seconds, restart=restart, workdir=_workdir(),
-        client=ClientSettings(base_url=base_url, model=model, api_key=api_key,
-                              temperature=temperature, max_tokens=max_tokens,
-                              json_mode=json_mode,  # type: ignore[arg-type]
-                              timeout=timeout, max_retries=max_retries, rpm=rpm),
+        checkpoint_seconds=checkpoint_seconds, restart=restart, workdir=_workdir(), client=client,
     )
     result = synthesize(cfg)
     if stats:
         stats.write_text(stats_json(result) + "\n", encoding="utf-8")
     typer.echo(stats_line(result))
+
+
+def _client(key_env: str, base_url: str, **settings: Any) -> Any:
+    """The endpoint's ClientSettings: the API key from $`key_env` (refused when unset, before
+    anything is generated) and a checked base URL."""
+    api_key = os.environ.get(key_env, "").strip()
+    if not api_key:
+        raise SpecError(f"{key_env} is not set: export the endpoint's API key (for a local "
+                        "server without auth, any non-empty value); no data was generated")
+    base_url = _check_base_url(base_url)
+    from sft_job.synth.client import ClientSettings
+
+    return ClientSettings(base_url=base_url, api_key=api_key, **settings)
 
 
 @data_app.command()

@@ -69,21 +69,11 @@ def prepare_dir(spec: DataSpec, tokenizer: Any, workdir: Path, out: Path, procs:
     ev = read_source(spec.eval, spec, tokenizer, workdir, fmt=train.format,
                      arrow=tmp / "eval.arrow", procs=procs, check_stop=check_stop) \
         if spec.eval else None
-    if ev is None:
-        held = split_mask(train.examples, spec.eval_fraction, spec.seed)
-        held = np.zeros(train.examples, dtype=bool) if held is None else held
-    else:
-        held = np.zeros(train.examples, dtype=bool)
-    in_eval = np.ones(ev.examples, dtype=bool) if ev is not None else held
+    held, in_eval = _eval_split(train, ev, spec)
     eval_src = ev or train
     t = token_stats(train.raw_lengths[~held], train.trained[~held], spec.max_length)
     e = token_stats(eval_src.raw_lengths[in_eval], eval_src.trained[in_eval], spec.max_length)
-    if not len(t.lengths):
-        raise DataError(f"{spec.train}: every row's prompt fills data.max_length="
-                        f"{spec.max_length} tokens, nothing left to train on; raise max_length")
-    problem = all_truncated(t, train.format, spec.max_length)
-    if problem:
-        raise DataError(f"{spec.train}: {problem}")
+    _check_trainable(t, train.format, spec)
     stats = _stats(train, ev, t, e, spec)
     stats["train_rows_batched"] = write_rows(train.arrow, ~held & (train.trained > 0),
                                              out / "train.arrow", spec.packing, spec.max_length,
@@ -91,9 +81,49 @@ def prepare_dir(spec: DataSpec, tokenizer: Any, workdir: Path, out: Path, procs:
     write_rows(eval_src.arrow, in_eval & (eval_src.trained > 0), out / "eval.arrow",
                spec.packing, spec.max_length, procs)
     np.save(out / "lengths.npy", np.asarray(t.lengths, dtype=np.int32))
+    meta = _meta(spec, tokenizer, workdir, (train, ev), (held, in_eval), stats, t0)
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("data: %s format, %d train / %d eval examples, %d truncated, %d malformed skipped",
+             train.format, stats["train_examples"], stats["eval_examples"], stats["truncated"],
+             stats["malformed"])
+    return meta
+
+
+def _eval_split(train: Source, ev: Source | None, spec: DataSpec) -> tuple[Any, Any]:
+    """(train rows held out for eval, eval source rows used) as numpy bool masks: all of
+    data.eval when given, else data.eval_fraction of train's rows."""
+    import numpy as np
+
+    if ev is None:
+        held = split_mask(train.examples, spec.eval_fraction, spec.seed)
+        held = np.zeros(train.examples, dtype=bool) if held is None else held
+    else:
+        held = np.zeros(train.examples, dtype=bool)
+    return held, np.ones(ev.examples, dtype=bool) if ev is not None else held
+
+
+def _check_trainable(t: TokenStats, fmt: str, spec: DataSpec) -> None:
+    """Refuse training rows that leave nothing to train on after truncation."""
+    if not len(t.lengths):
+        raise DataError(f"{spec.train}: every row's prompt fills data.max_length="
+                        f"{spec.max_length} tokens, nothing left to train on; raise max_length")
+    problem = all_truncated(t, fmt, spec.max_length)
+    if problem:
+        raise DataError(f"{spec.train}: {problem}")
+
+
+def _meta(spec: DataSpec, tokenizer: Any, workdir: Path, sources: tuple[Source, Source | None],
+          masks: tuple[Any, Any], stats: dict[str, Any], t0: float) -> dict[str, Any]:
+    """What meta.json holds: version, format, stats, data files and hash, the first examples
+    of each split (for the samples before and after training), the time taken."""
+    import numpy as np
+
+    train, ev = sources
+    held, in_eval = masks
     first = np.flatnonzero(~held)[:SAMPLE_EXAMPLES].tolist()
     first_eval = np.flatnonzero(in_eval)[:SAMPLE_EXAMPLES].tolist()
-    meta = {
+    return {
         "version": VERSION,
         "format": train.format,
         "template": train.template,
@@ -103,15 +133,9 @@ def prepare_dir(spec: DataSpec, tokenizer: Any, workdir: Path, out: Path, procs:
         "examples": {"train": [_example_json(x) for x in
                                examples_at(train, spec, tokenizer, workdir, first)],
                      "eval": [_example_json(x) for x in
-                              examples_at(eval_src, spec, tokenizer, workdir, first_eval)]},
+                              examples_at(ev or train, spec, tokenizer, workdir, first_eval)]},
         "prepare_s": round(time.perf_counter() - t0, 2),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(tmp, ignore_errors=True)
-    log.info("data: %s format, %d train / %d eval examples, %d truncated, %d malformed skipped",
-             train.format, stats["train_examples"], stats["eval_examples"], stats["truncated"],
-             stats["malformed"])
-    return meta
 
 
 def write_rows(src: Path, keep: Any, dest: Path, packing: bool, max_length: int,

@@ -69,10 +69,6 @@ def _match(module: str, keys: set[str]) -> str | None:
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer: Any = None) -> Path:
     """Write base + adapter as a plain safetensors model to `out_dir` (shard by shard)."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     parsed = _adapter_deltas(adapter_dir)
     if parsed is None:
         log.info("merge: adapter needs PEFT's in-memory merge")
@@ -82,34 +78,17 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer: A
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=out_dir))
     done: set[str] = set()
-    for shard in shards:
-        tensors: dict[str, Any] = {}
-        with safe_open(str(base_dir / shard), framework="pt") as f:
-            keys = set(f.keys())
-            meta = f.metadata()
-            targets = {_match(m, keys): m for m in deltas}
-            for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                t = f.get_tensor(k)
-                mod = targets.get(k)
-                if mod is not None:
-                    a, b = deltas[mod]
-                    delta = (b.float() @ a.float()) * scale
-                    delta = delta.T if fifo else delta
-                    if delta.shape != t.shape:
-                        shutil.rmtree(tmp, ignore_errors=True)
-                        raise ModelError(f"merge: adapter module {mod} has shape "
-                                         f"{tuple(delta.shape)} but the base weight {k} is "
-                                         f"{tuple(t.shape)}; is the adapter for this base model?")
-                    t = (t.float() + delta).to(t.dtype)
-                    done.add(mod)
-                tensors[k] = t.contiguous()
-        save_file(tensors, str(tmp / shard), metadata=meta or {"format": "pt"})
-        del tensors
-    missing = set(deltas) - done
-    if missing:
+    try:
+        for shard in shards:
+            done |= _merge_shard(base_dir / shard, tmp / shard, deltas, scale, fifo)
+        missing = set(deltas) - done
+        if missing:
+            raise ModelError(f"merge: {len(missing)} adapter module(s) not found in the base "
+                             f"weights (e.g. {sorted(missing)[0]}); is the adapter for this base "
+                             "model?")
+    except ModelError:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelError(f"merge: {len(missing)} adapter module(s) not found in the base weights "
-                         f"(e.g. {sorted(missing)[0]}); is the adapter for this base model?")
+        raise
     for f in base_dir.iterdir():
         if f.is_file() and f.name not in shards and not f.name.startswith(_COPY_SKIP):
             shutil.copyfile(f, tmp / f.name)
@@ -121,8 +100,40 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, tokenizer: A
     for f in tmp.iterdir():
         f.replace(out_dir / f.name)
     tmp.rmdir()
-    del torch  # imported for its side effect on safetensors' pt backend
     return out_dir
+
+
+def _merge_shard(src: Path, dest: Path, deltas: dict[str, tuple[Any, Any]], scale: float,
+                 fifo: bool) -> set[str]:
+    """Write the base shard `src` to `dest` with the adapter's deltas added to the weights it
+    holds; returns the adapter modules merged."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    done: set[str] = set()
+    tensors: dict[str, Any] = {}
+    with safe_open(str(src), framework="pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+        targets = {_match(m, keys): m for m in deltas}
+        for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            t = f.get_tensor(k)
+            mod = targets.get(k)
+            if mod is not None:
+                a, b = deltas[mod]
+                delta = (b.float() @ a.float()) * scale
+                delta = delta.T if fifo else delta
+                if delta.shape != t.shape:
+                    raise ModelError(f"merge: adapter module {mod} has shape "
+                                     f"{tuple(delta.shape)} but the base weight {k} is "
+                                     f"{tuple(t.shape)}; is the adapter for this base model?")
+                t = (t.float() + delta).to(t.dtype)
+                done.add(mod)
+            tensors[k] = t.contiguous()
+    save_file(tensors, str(dest), metadata=meta or {"format": "pt"})
+    del torch  # imported for its side effect on safetensors' pt backend
+    return done
 
 
 def _clean_config(path: Path) -> None:

@@ -18,57 +18,69 @@ def eval_loss(trainer: Any, rows: Any, *, own_head: bool,
     the loss is the job's head over trained positions (BuiltTrainer.own_head). `should_stop`
     is asked between batches, collectively: the evaluation is abandoned (None) when any rank
     says stop. On XLA (one process drives every device) the process evaluates every row."""
-    import torch
-
-    from sft_job.checkpoint.preempt import agree
-
     model = trainer.model
-    device = trainer.args.device
-    collate = getattr(trainer.data_collator, "inner", trainer.data_collator)  # not counted
-    if own_head:
-        from sft_job.train.loss import token_nll
     dist = _dist()
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist else (1, 0)
-    n_rows = len(rows)
-    mine = range(rank, n_rows, world)
-    bs = trainer.args.per_device_eval_batch_size
-    n_batches = -(-max(len(range(r, n_rows, world)) for r in range(world)) // bs)
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)  # loss sum, tokens
-    batch = None
-    stopped = False
-    with torch.no_grad():
-        for i in range(n_batches):
-            if should_stop is not None and agree(should_stop()):
-                stopped = True
-                break
-            chunk = [rows[j] for j in mine[i * bs:(i + 1) * bs]]  # a list or a Dataset
-            if chunk:
-                batch = collate(chunk)
-            if batch is None:  # this rank has no rows at all: it still joins every pass
-                batch = collate([rows[0]])
-            inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            if own_head:  # the training loss's own head: logits of trained positions only
-                nll, n = token_nll(model, inputs)
-                nll, n = float(nll), int(n)
-            else:
-                n = int((batch["labels"][..., 1:] != -100).sum())
-                nll = float(model(**inputs).loss) * n
-            if chunk:
-                total += torch.tensor([nll, n], dtype=torch.float64)
+    total = _local_sums(trainer, rows, rank, world, own_head, should_stop)
     if was_training:
         model.train()
-    if stopped:
+    if total is None:
         return None, 0
     if dist:
-        t = total.to(device) if dist.get_backend() == "nccl" else total
+        t = total.to(trainer.args.device) if dist.get_backend() == "nccl" else total
         dist.all_reduce(t)
         total = t.cpu()
     tokens = int(total[1])
     if not tokens:
         return None, 0
     return float(total[0] / total[1]), tokens
+
+
+def _local_sums(trainer: Any, rows: Any, rank: int, world: int, own_head: bool,
+                should_stop: Callable[[], bool] | None) -> Any:
+    """This rank's (loss sum, trained tokens) over its rows rank::world, as a float64 tensor,
+    in as many batches as the rank with the most rows (a rank short of rows repeats its last
+    batch, weighing nothing); None when a stop is agreed between batches."""
+    import torch
+
+    from sft_job.checkpoint.preempt import agree
+
+    model, device = trainer.model, trainer.args.device
+    collate = getattr(trainer.data_collator, "inner", trainer.data_collator)  # not counted
+    n_rows = len(rows)
+    mine = range(rank, n_rows, world)
+    bs = trainer.args.per_device_eval_batch_size
+    n_batches = -(-max(len(range(r, n_rows, world)) for r in range(world)) // bs)
+    total = torch.zeros(2, dtype=torch.float64)  # loss sum, tokens
+    batch = None
+    with torch.no_grad():
+        for i in range(n_batches):
+            if should_stop is not None and agree(should_stop()):
+                return None
+            chunk = [rows[j] for j in mine[i * bs:(i + 1) * bs]]  # a list or a Dataset
+            if chunk:
+                batch = collate(chunk)
+            if batch is None:  # this rank has no rows at all: it still joins every pass
+                batch = collate([rows[0]])
+            nll, n = _batch_nll(model, batch, device, own_head)
+            if chunk:
+                total += torch.tensor([nll, n], dtype=torch.float64)
+    return total
+
+
+def _batch_nll(model: Any, batch: dict[str, Any], device: Any, own_head: bool
+               ) -> tuple[float, int]:
+    """(summed loss, trained tokens) of one batch."""
+    inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    if own_head:  # the training loss's own head: logits of trained positions only
+        from sft_job.train.loss import token_nll
+
+        nll, n = token_nll(model, inputs)
+        return float(nll), int(n)
+    n = int((batch["labels"][..., 1:] != -100).sum())
+    return float(model(**inputs).loss) * n, n
 
 
 def _dist() -> Any:

@@ -52,8 +52,21 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path) -> Any:
     """SFTConfig built from the spec, the backend's settings, then `trainer:` passthrough."""
     from trl import SFTConfig
 
+    args = {**_spec_args(spec, output_dir), **_backend_args(spec, backend)}
+    args["logging_nan_inf_filter"] = False  # a NaN loss must show: the guard stops on it
+    args.update(spec.trainer.fields_set())
+    try:
+        config = SFTConfig(**args)
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"trainer: SFTConfig rejected the settings: {str(e).splitlines()[0]}") from None
+    check_settings(config)
+    return config
+
+
+def _spec_args(spec: JobSpec, output_dir: Path) -> dict[str, Any]:
+    """The SFTConfig arguments the spec's train/data/output/method fields decide."""
     t = spec.train
-    args: dict[str, Any] = {
+    return {
         "output_dir": str(output_dir),
         "num_train_epochs": t.epochs,
         "max_steps": t.max_steps or -1,
@@ -85,23 +98,21 @@ def sft_config(spec: JobSpec, backend: Backend, output_dir: Path) -> Any:
         "disable_tqdm": not sys.stderr.isatty(),
         "use_liger_kernel": False,
     }
-    args.update(backend.sft_args)
+
+
+def _backend_args(spec: JobSpec, backend: Backend) -> dict[str, Any]:
+    """The backend's settings, the DeepSpeed config (and its CPU switches), DDP over gloo for
+    several CPU processes."""
     from sft_job.train import deepspeed
 
+    args = dict(backend.sft_args)
     ds = deepspeed.config(spec)
     if ds is not None:
         args["deepspeed"] = ds
         args.update(deepspeed.prepare_cpu(backend.name))
     if backend.name == "cpu" and ds is None and here().distributed:
         args["ddp_backend"] = "gloo"  # use_cpu + gloo: real DDP, not N copies of the job
-    args["logging_nan_inf_filter"] = False  # a NaN loss must show: the guard stops on it
-    args.update(spec.trainer.fields_set())
-    try:
-        config = SFTConfig(**args)
-    except (ValueError, TypeError) as e:
-        raise SpecError(f"trainer: SFTConfig rejected the settings: {str(e).splitlines()[0]}") from None
-    check_settings(config)
-    return config
+    return args
 
 
 @dataclass

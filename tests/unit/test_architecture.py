@@ -1,7 +1,8 @@
 """The rules of docs/architecture.md, checked on the source of every module of sft_job/: each
 import (top level or inside a function) must point down the layers, the spec and the base
-import no training library, typer stays in the CLI layer, and only the CLI exits the process.
-Reads the files with `ast`; imports nothing of sft_job."""
+import no training library, typer stays in the CLI layer, only the CLI exits the process, and
+no function is over 50 lines nor module over 400. Reads the files with `ast`; imports nothing
+of sft_job."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "sft_job"
 PARTS = [
     ("sft_job.__main__", "cli"), ("sft_job.cli", "cli"),
     *[(f"sft_job.{m}", "job") for m in ("pipeline", "context", "prepare", "fit",
-                                         "finalize", "preflight", "checks", "memory",
-                                         "progress", "status", "specload")],
+                                         "finalize", "preflight", "memory", "progress",
+                                         "status", "specload")],
     ("sft_job.finish", "finish"), ("sft_job.train", "train"),
     ("sft_job.checkpoint", "checkpoint"), ("sft_job.synth", "synth"),
     ("sft_job.data", "data"), ("sft_job.models", "models"), ("sft_job.storage", "storage"),
@@ -58,6 +59,12 @@ KNOWN_EXITS = {
     "sft_job.checkpoint.uploader": "the uploader's own spawned process ends itself when its "
                                    "parent (the training process) is gone",
 }
+
+
+MAX_FUNCTION_LINES = 50  # `def` line to last line (decorators not counted)
+MAX_MODULE_LINES = 400
+# modules over the limit for now, each with the most lines it may have and why
+LARGE_FOR_NOW: dict[str, tuple[int, str]] = {}
 
 
 def part_of(module: str) -> str:
@@ -199,3 +206,66 @@ def test_the_checker_sees_a_broken_rule(tmp_path: Path) -> None:
     assert (4, "sft_job.storage") in found and (5, "typer") in found
     assert part_of("sft_job.storage") not in BELOW["spec"]
     assert exits(bad) == [6]
+
+
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int, int]]:
+    """(qualified name, line, lines) of every function or method in the file over `limit`
+    lines, nested ones included (`outer.<locals>.inner`, `Class.method`)."""
+    out = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = prefix + child.name
+                size = child.end_lineno - child.lineno + 1
+                if size > limit:
+                    out.append((name, child.lineno, size))
+                visit(child, f"{name}.<locals>.")
+            elif isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.")
+            else:
+                visit(child, prefix)
+
+    visit(tree(path), "")
+    return out
+
+
+def module_lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def test_no_function_is_over_50_lines() -> None:
+    """The house rule (docs/architecture.md): a function longer than a screen is split into
+    functions that each do one named thing."""
+    found = [f"{MODULES[name].relative_to(PACKAGE.parent)}:{line} {func}: {size} lines"
+             for name in MODULES for func, line, size in long_functions(MODULES[name])]
+    assert not found, (f"functions over {MAX_FUNCTION_LINES} lines (split each into functions "
+                       "that do one named thing):\n" + "\n".join(found))
+
+
+def test_no_module_is_over_400_lines() -> None:
+    """The house rule (docs/architecture.md): a module over 400 lines is split by what it does.
+    A module of LARGE_FOR_NOW may not grow past the size it has there."""
+    found = []
+    for name, path in MODULES.items():
+        size = module_lines(path)
+        limit = LARGE_FOR_NOW.get(name, (MAX_MODULE_LINES, ""))[0]
+        if size > max(limit, MAX_MODULE_LINES):
+            found.append(f"{path.relative_to(PACKAGE.parent)}: {size} lines (limit {limit})")
+    assert not found, "modules over their size limit (split them by what they do):\n" + \
+        "\n".join(found)
+
+
+def test_the_size_checker_sees_a_long_function(tmp_path: Path) -> None:
+    """The checker itself: a 51-line method and a 51-line nested function are found with
+    their names and sizes, a 50-line function is not; a 401-line file counts 401 lines."""
+    body = "    x = 1\n"
+    bad = tmp_path / "big.py"
+    bad.write_text("def ok():\n" + body * 49  # lines 1-50
+                   + "class C:\n    def m(self):\n" + ("    " + body) * 50  # 51, 52-102
+                   + "def outer():\n    def inner():\n" + ("    " + body) * 50  # 103, 104-154
+                   + "    return inner\n"  # 155
+                   + "x = 0\n" * (401 - 155))
+    assert module_lines(bad) == 401
+    assert long_functions(bad) == [("C.m", 52, 51), ("outer", 103, 53),
+                                   ("outer.<locals>.inner", 104, 51)]

@@ -1,6 +1,7 @@
-"""Checks of the job as a whole for the cheap pass (preflight.fast_checks, so `validate` and
-the first seconds of `run`): output.uri overlapping an input or a cache, and the `trainer:`
-values tried out. No torch unless `trainer:` is set. (Optional packages: environment.py.)
+"""The job's settings as a whole, for the cheap pass (so `validate` and the first seconds of
+`run`): output.uri overlapping an input or a cache, packing with custom model code, the
+`trainer:` values tried out, the trackers' packages, the DeepSpeed config file. No torch
+unless `trainer:` is set. (Optional packages: environment.py.)
 """
 
 from __future__ import annotations
@@ -9,7 +10,35 @@ import contextlib
 import tempfile
 
 from sft_job.errors import SftJobError, SpecError
+from sft_job.preflight.report import Report
 from sft_job.spec import JobSpec
+
+
+def check_spec(spec: JobSpec, rep: Report) -> None:
+    """What the spec's fields decide together with the libraries and the machine's folders."""
+    for problem in overlap_problems(spec):
+        rep.problem("output.uri", problem)
+    if spec.data.packing and spec.model.trust_remote_code:
+        rep.problem("data.packing", "custom model code (trust_remote_code) may not honour "
+                    "per-sample position ids, so packed samples could attend to each other; "
+                    "set data.packing: false")
+    if spec.trainer.fields_set():
+        try:
+            probe_trainer(spec)
+        except SftJobError as e:  # its message starts with the trainer field
+            where, _, what = str(e).partition(": ")
+            rep.problem(where, what)
+    from sft_job.train.trackers import missing
+
+    for msg in missing(spec.train.report_to):
+        rep.problem("train.report_to", msg)
+    if spec.deepspeed.config_file:
+        from sft_job.train.deepspeed import config
+
+        try:
+            config(spec)  # exists, parses, agrees with the spec
+        except SftJobError as e:
+            rep.error("deepspeed", e)
 
 
 def probe_trainer(spec: JobSpec) -> None:
