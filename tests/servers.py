@@ -18,6 +18,7 @@ huggingface_hub's offline switch off when the env says so: the library reads it 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import re
@@ -222,6 +223,11 @@ class FaultProxy:
     without forwarding, `drop_rate` closes the connection without an answer, `corrupt_rate`
     flips one byte of a successful GET's response body or of a PUT's request body.
     `stream_mbps` caps each connection's upload rate (a model of a per-stream WAN limit).
+    `sse_kms` makes an S3 server look like a bucket with default SSE-KMS encryption, which moto
+    does not emulate: every ETag it reports (headers and listings) is replaced by a value that
+    is not the object's MD5, and object answers say `x-amz-server-side-encryption: aws:kms`;
+    requests that name an ETag (If-Match, the parts of CompleteMultipartUpload) get the
+    server's own back.
     `fail_next(n, kind)` forces the next n matching requests to fail. Only requests whose
     "METHOD path" matches `match` (a regex) are touched. Attributes may be changed while it
     runs; `stats` counts what happened.
@@ -232,12 +238,14 @@ class FaultProxy:
     drop_rate: float = 0.0
     corrupt_rate: float = 0.0
     stream_mbps: float = 0.0  # > 0: cap each connection's request body at this many MB/s
+    sse_kms: bool = False
     match: str = ".*"
     seed: int = 0
     url: str = ""
     stats: dict[str, int] = field(default_factory=lambda: {
         "requests": 0, "error": 0, "drop": 0, "lose": 0, "corrupt": 0, "deny": 0})
     _forced: list[str] = field(default_factory=list)
+    _etags: dict[str, str] = field(default_factory=dict)  # reported (sse_kms) -> the server's
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _rng: random.Random = field(default_factory=random.Random)
 
@@ -251,6 +259,19 @@ class FaultProxy:
     def env_for(self, server: Any) -> dict[str, str]:
         """`server.env` with its endpoint replaced by this proxy's URL."""
         return {k: (self.url if v == server.url else v) for k, v in server.env.items()}
+
+    def kms_etag(self, match: re.Match[str]) -> str:
+        """The ETag S3 would report under SSE-KMS for the server's `match` (not an MD5)."""
+        real = match.group(1)
+        fake = hashlib.md5(b"kms:" + real.encode(), usedforsecurity=False).hexdigest()
+        fake += real[32:]  # a multipart ETag keeps its "-<parts>"
+        with self._lock:
+            self._etags[fake] = real
+        return fake
+
+    def server_etag(self, value: str) -> str:
+        with self._lock:
+            return _ETAG.sub(lambda m: self._etags.get(m.group(1), m.group(1)), value)
 
     def decide(self, method: str, path: str) -> str | None:
         with self._lock:
@@ -321,6 +342,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         body = self._read_body()
         fault = self.proxy.decide(self.command, self.path)
+        headers = list(self.headers.items())
+        if self.proxy.sse_kms:
+            headers = [(k, self.proxy.server_etag(v) if k.lower() in _IF_ETAG else v)
+                       for k, v in headers]
+            if b"<ETag>" in body:  # CompleteMultipartUpload names its parts by their ETags
+                body = self.proxy.server_etag(body.decode()).encode()
         if fault == "corrupt" and self.command == "PUT" and body:
             body = _flip(body)
         if fault == "drop":
@@ -334,8 +361,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                        f"<Message>injected by FaultProxy</Message></Error>").encode()
             self._reply(status, [("Content-Type", "application/xml")], payload, len(payload))
             return
-        status, headers, data, length = _forward(self.proxy.upstream, self.command, self.path,
-                                                 self.headers.items(), body)
+        status, out, data, length = _forward(self.proxy.upstream, self.command, self.path,
+                                             headers, body)
+        if self.proxy.sse_kms:
+            out, data = _as_kms(self.proxy, out, data)
         if fault == "lose":  # the server did the work, the client never hears of it
             self.close_connection = True
             with contextlib.suppress(OSError):
@@ -343,7 +372,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         if fault == "corrupt" and self.command == "GET" and data and 200 <= status < 300:
             data = _flip(data)
-        self._reply(status, headers, data, length)
+        self._reply(status, out, data, length)
 
     def _reply(self, status: int, headers: list[tuple[str, str]], data: bytes,
                length: int) -> None:
@@ -357,6 +386,23 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _handle
+
+
+_ETAG = re.compile(r"([0-9a-f]{32}(?:-\d+)?)")
+_IF_ETAG = ("if-match", "if-none-match", "x-amz-copy-source-if-match")
+
+
+def _as_kms(proxy: FaultProxy, headers: list[tuple[str, str]],
+            data: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """An answer as S3 gives it for an SSE-KMS object: other ETags, same lengths."""
+    out = [(k, _ETAG.sub(proxy.kms_etag, v) if k.lower() == "etag" else v) for k, v in headers]
+    if any(k.lower() == "etag" for k, _ in headers):
+        out.append(("x-amz-server-side-encryption", "aws:kms"))
+    if b"<ETag>" in data:  # a listing, or CompleteMultipartUpload's answer
+        data = re.sub(rb"<ETag>(&#34;|&quot;|\")?([0-9a-f]{32}(?:-\d+)?)",
+                      lambda m: b"<ETag>" + (m.group(1) or b"") + proxy.kms_etag(
+                          _ETAG.search(m.group(2).decode())).encode(), data)
+    return out, data
 
 
 def _flip(data: bytes) -> bytes:
