@@ -48,7 +48,9 @@ def watch() -> Iterator[StopFlag]:
                       "(an unfinished upload is never marked committed)", name)
             os._exit(EXIT_RETRY)
         flag.requested, flag.at, flag.signame = True, time.monotonic(), name
-        log.warning("%s received: finishing this step, then checkpoint, upload, exit 75", name)
+        log.warning("%s received: before training, exit 75 now; during training, finish the "
+                    "step, checkpoint, upload, exit 75; once training is done, the finish "
+                    "completes (exit 0)", name)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -31,6 +31,7 @@ class Store(Protocol):
     folder at once and get no marker."""
 
     atomic: bool
+    scheme: str  # the URI scheme it serves: file, s3, gs, hf
 
     def get_file(self, key: str, dest: Path) -> Path: ...
     def get_prefix(self, prefix: str, dest: Path) -> Path: ...

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sft_job.errors import SpecError
 from sft_job.storage import open_store
 
 log = logging.getLogger(__name__)
@@ -27,20 +28,20 @@ log = logging.getLogger(__name__)
 def read_tagged(uri: str) -> tuple[bytes, str] | None:
     """The object's bytes and its tag (what put_if/delete_if compare), or None if absent."""
     store, key = open_store(uri)
-    return _OPS[type(store).__name__][0](store, key)
+    return _ops(store, uri)[0](store, key)
 
 
 def put_if(uri: str, data: bytes, match: str | None) -> str | None:
     """Write `data` if the object is absent (match None) or still has the tag `match`; the
     new tag, or None when the condition failed (someone else wrote first)."""
     store, key = open_store(uri)
-    return _OPS[type(store).__name__][1](store, key, data, match)
+    return _ops(store, uri)[1](store, key, data, match)
 
 
 def delete_if(uri: str, match: str) -> bool:
     """Delete the object if it still has the tag `match`."""
     store, key = open_store(uri)
-    return _OPS[type(store).__name__][2](store, key, match)
+    return _ops(store, uri)[2](store, key, match)
 
 
 # ------------------------------------------------------------------ local files
@@ -216,7 +217,13 @@ def _gcs_delete(store: Any, key: str, match: str) -> bool:
 
 
 _OPS: dict[str, tuple[Any, Any, Any]] = {
-    "LocalStore": (_local_read, _local_put, _local_delete),
-    "S3Store": (_s3_read, _s3_put, _s3_delete),
-    "GCSStore": (_gcs_read, _gcs_put, _gcs_delete),
+    "file": (_local_read, _local_put, _local_delete),
+    "s3": (_s3_read, _s3_put, _s3_delete),
+    "gs": (_gcs_read, _gcs_put, _gcs_delete),
 }
+
+
+def _ops(store: Any, uri: str) -> tuple[Any, Any, Any]:
+    if store.scheme not in _OPS:  # the Hub: its commits have no compare-and-swap
+        raise SpecError(f"{uri}: conditional writes need a local path, s3:// or gs://")
+    return _OPS[store.scheme]

@@ -27,6 +27,7 @@ class HubStore:
     """Repositories on the Hub. Keys are `[datasets/]org/name[@rev][/path]`."""
 
     atomic = True  # a Hub commit is atomic: no marker
+    scheme = "hf"
 
     def __init__(self, bucket: str = "") -> None:
         del bucket  # hf:// URIs carry no bucket: the repo id is in the key

@@ -54,6 +54,7 @@ class LocalStore:
     see a half-written file."""
 
     atomic = False
+    scheme = "file"
 
     @_fs_errors
     def get_file(self, key: str, dest: Path) -> Path:

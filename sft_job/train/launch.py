@@ -67,6 +67,7 @@ def _gpu_count() -> int:
 
 def launch(p: LaunchPlan, argv: list[str]) -> int:
     """Run `python -m sft_job ARGV` as p.nproc_per_node ranks; returns the exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -91,10 +92,8 @@ def launch(p: LaunchPlan, argv: list[str]) -> int:
         elastic_launch(config, entrypoint=sys.executable)("-m", "sft_job", *argv)
     except ChildFailedError as e:
         return worst([f.exitcode for f in e.failures.values()])
-    except Exception as e:  # SignalException when the pod is told to stop: ranks got SIGTERM
-        if type(e).__name__ == "SignalException":
-            return EXIT_RETRY
-        raise
+    except SignalException:  # the pod is told to stop: the ranks got SIGTERM
+        return EXIT_RETRY
     return 0
 
 
