@@ -11,7 +11,9 @@
 # Env: UV and PIP (the tools, from .venv-lock), WHEELS_DIR (find-links holding the CPU torch
 # wheel, default /opt/wheels), CPU_TORCH_INDEX (an extra index for it, e.g. the PyTorch CPU
 # index, where reachable), SDIST_OK (packages allowed to install from source: deepspeed ships
-# no wheel, and is pure Python without its optional ops).
+# no wheel, and is pure Python without its optional ops). Every package the dev/CI venv also
+# has is held to its version there (constraints/dev.txt), so an image runs the library versions
+# the test suite passed with.
 set -euo pipefail
 
 cmd=${1:?usage: $0 compile|verify cpu|cuda|tpu}
@@ -40,7 +42,7 @@ fi
 
 compile() {
   cd "$root"
-  "$UV" pip compile pyproject.toml --extra "$hw" \
+  "$UV" pip compile pyproject.toml --extra "$hw" --constraint constraints/dev.txt \
     --python-version "$py" --python-platform "x86_64-manylinux_$glibc" \
     "${sources[@]}" --generate-hashes --no-strip-extras \
     --custom-compile-command "make locks" --quiet -o "$lock.tmp"

@@ -201,6 +201,20 @@ def test_lock_pins_everything_with_hashes(hw: str) -> None:
 
 
 @pytest.mark.parametrize("hw", HARDWARE)
+def test_lock_runs_the_versions_the_suite_passed_with(hw: str) -> None:
+    """Every package the dev/CI venv also has (constraints/dev.txt) is locked at the same
+    version in the image, so an image never runs a transformers the tests did not see (the
+    locks once pinned transformers 5.23.0 while the suite ran 5.24.0). `make locks` compiles
+    them under that file."""
+    dev = {normalize(m.group(1)): m.group(2) for m in re.finditer(
+        r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)", (REPO / "constraints/dev.txt").read_text(), re.M)}
+    lk = lock(hw)
+    apart = {k: (v, dev[k]) for k, v in lk.pins.items() if k in dev and v != dev[k]}
+    assert not apart, f"{lk.path} vs constraints/dev.txt (lock, dev): {apart}; run make locks"
+    assert {"transformers", "trl", "peft", "accelerate"} <= lk.pins.keys() & dev.keys()
+
+
+@pytest.mark.parametrize("hw", HARDWARE)
 def test_lock_targets_the_images_python_and_libc(hw: str) -> None:
     lk = lock(hw)
     df = dockerfile(hw)
