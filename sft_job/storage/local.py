@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from sft_job.errors import AccessError, SftJobError, SpecError, TransientError
 from sft_job.storage.base import ObjectInfo, mapped_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
+_TEMP = re.compile(r"\..+\.tmp-\d+")  # a file being written (LocalStore._write), not an object
 _TRANSIENT = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ESTALE}
 _BAD_NAME = {errno.ENAMETOOLONG, errno.EINVAL, errno.ELOOP}
 
@@ -90,21 +92,31 @@ class LocalStore:
         if dest.is_dir():
             raise AccessError(f"{key}: is a directory, cannot write a file there")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")  # _TEMP
         fill(tmp)
         os.replace(tmp, dest)
 
     @_fs_errors
     def list_info(self, prefix: str) -> dict[str, ObjectInfo]:
+        """Files under `prefix`. Another process may be writing into the same folder (the nodes
+        of a job on a shared volume): a write in progress (its temp name) is no object yet, and
+        a file renamed or removed while listing is left out."""
         root = Path(prefix)
         if not root.is_dir():
             return {}
-        return {p.relative_to(root).as_posix(): _info(p) for p in root.rglob("*") if p.is_file()}
+        out = {}
+        for p in root.rglob("*"):
+            info = None if _TEMP.fullmatch(p.name) else self.stat(str(p))
+            if info is not None:
+                out[p.relative_to(root).as_posix()] = info
+        return out
 
     @_fs_errors
     def stat(self, key: str) -> ObjectInfo | None:
-        p = Path(key)
-        return _info(p) if p.is_file() else None
+        try:
+            return _info(Path(key)) if Path(key).is_file() else None
+        except FileNotFoundError:  # removed since is_file()
+            return None
 
     @_fs_errors
     def exists(self, key: str) -> bool:

@@ -1,14 +1,17 @@
-"""Checksums against the tools and servers that define them, the retry loops, progress bars."""
+"""Checksums against the tools and servers that define them, the retry loops, progress bars, and
+the local store listed while another process writes into it."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sft_job import storage
 from sft_job.errors import EXIT_ACCESS, EXIT_RETRY, AccessError, TransientError
 from sft_job.storage import ChecksumError, retry
 from sft_job.storage.checksum import git_blob_sha1, md5_hex, s3_etag
@@ -99,3 +102,39 @@ def test_progress_only_for_large_transfers(capsys: pytest.CaptureFixture[str]) -
     err = capsys.readouterr().err
     assert "upload s3://b/k" in err and "100%" in err
     assert "\r" not in err  # off a terminal: plain log lines
+
+
+def test_local_listing_while_another_process_writes(tmp_path: Path) -> None:
+    """The nodes of a job on a shared volume write into one folder while node 0 lists it: a
+    write in progress (its temp name) is no object, and a file renamed or removed between the
+    listing and its stat is left out, not an error. (test_sharded_commit once failed so: node
+    1's temp file was listed, then renamed before node 0's stat; exit 3 for a healthy upload.)"""
+    root = tmp_path / "ck"
+    root.mkdir()
+    (root / ".a.bin.tmp-123").write_bytes(b"x")  # LocalStore._write's temp name
+    (root / "b.bin").write_bytes(b"yy")
+    assert storage.list_info(str(root)) == {"b.bin": storage.stat(str(root / "b.bin"))}
+
+    stop, errors = threading.Event(), []
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            storage.write_text(str(root / f"f{i % 40}.txt"), "z" * (i % 100))  # temp, rename
+            (root / f"f{(i + 20) % 40}.txt").unlink(missing_ok=True)
+            i += 1
+
+    writer = threading.Thread(target=churn)
+    writer.start()
+    try:
+        for _ in range(400):
+            try:
+                keys = storage.list_info(str(root))
+            except AccessError as e:
+                errors.append(e)
+                continue
+            assert not [k for k in keys if ".tmp-" in k], keys
+    finally:
+        stop.set()
+        writer.join()
+    assert not errors, errors[:3]
