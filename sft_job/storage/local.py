@@ -92,7 +92,7 @@ class LocalStore:
         if dest.is_dir():
             raise AccessError(f"{key}: is a directory, cannot write a file there")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")  # _TEMP
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")  # matches _TEMP
         fill(tmp)
         os.replace(tmp, dest)
 

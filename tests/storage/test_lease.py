@@ -19,7 +19,7 @@ import time
 import pytest
 
 from sft_job.checkpoint import lease
-from sft_job.errors import OutputInUse
+from sft_job.errors import OutputInUse, SpecError
 from sft_job.spec import JobSpec
 from sft_job.storage import conditional, join
 
@@ -51,6 +51,16 @@ def test_compare_and_swap(backend: str, request: pytest.FixtureRequest, tmp_path
     assert conditional.read_tagged(uri) == (b"three", second)
     assert not conditional.delete_if(uri, first)
     assert conditional.delete_if(uri, second) and conditional.read_tagged(uri) is None
+
+
+def test_no_compare_and_swap_on_the_hub() -> None:
+    """The Hub has no conditional writes: a clear SpecError (exit 2), not a KeyError."""
+    for call in (lambda u: conditional.read_tagged(u), lambda u: conditional.put_if(u, b"x", None),
+                 lambda u: conditional.delete_if(u, "t")):
+        with pytest.raises(SpecError, match=r"^hf://org/name/_LEASE: conditional writes need "
+                                            r"a local path, s3:// or gs://$") as err:
+            call("hf://org/name/_LEASE")
+        assert err.value.exit_code == 2
 
 
 def test_lease_excludes_another_job_and_is_released(root: str) -> None:
